@@ -1,0 +1,216 @@
+"""`medlens` command line: train | evaluate | predict | models | recipes | data | run.
+
+User mistakes surface as one message (no traceback) and exit code 2; unexpected failures print one line and
+keep the full traceback in a file, so a user never has to read a stack to learn what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from medlens.errors import MedlensError
+
+DEFAULT_DATASET = "chest_xray"
+
+
+def _auto_recipe(data: str) -> str:
+    import torch
+
+    if str(data).endswith(".npz"):
+        return "medmnist"
+    return "cxr_gpu" if torch.cuda.is_available() else "cxr_cpu"
+
+
+def _resolve_data(data: str | None, default_name: str = DEFAULT_DATASET) -> Path:
+    """A path the user gave, or a known data set name resolved to a local copy / the download cache."""
+    from medlens.data.download import DATASETS, resolve_dataset
+
+    if data and (Path(data).exists() or data not in DATASETS):
+        path = Path(data)
+        if not path.exists():
+            raise MedlensError(f"data path '{data}' does not exist",
+                               hint="give an image folder (CLASS/*.png or train|val|test/CLASS/*), a CSV "
+                                    f"(path,label[,patient_id]), a .npz, or a data set name: {', '.join(DATASETS)}")
+        return path
+    return Path(resolve_dataset(data or default_name, data_arg=None))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medlens.config import load_config
+    from medlens.train import fit
+
+    data = _resolve_data(args.data)
+    run = Path(args.out)
+    if args.resume and (run / "config.yaml").exists():
+        from medlens.evaluate import run_config
+
+        cfg = run_config(run)
+    else:
+        cfg = load_config(args.recipe if args.recipe != "auto" else _auto_recipe(str(data)), args.set)
+    if args.strict:
+        cfg.data.strict = True
+    card = fit(cfg, data, run, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"run": str(run), "model_id": card.model_id, "best_epoch": card.epoch,
+                      "val_auc": card.metrics.get("val", {}).get("auc"), "threshold": card.threshold}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medlens.evaluate import evaluate
+
+    data = _resolve_data(args.data)
+    result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap)
+    out = Path(args.run) / "eval" / args.split
+    keys = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece")
+    print(f"{args.split}: n={result['n']}  threshold={result['threshold']:.4f}")
+    for k in keys:
+        m = result[k]
+        print(f"  {k:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medlens.inference import Predictor, to_json_lines
+
+    predictor = Predictor.from_run(args.run, device=args.device)
+    results = predictor.predict(args.files)
+    print(to_json_lines(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from medlens.models import list_models, model_info
+
+    for name in list_models(args.pattern):
+        info = model_info(name)
+        print(f"{name:<18} {info.get('description', '')}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from medlens.config import list_recipes, load_config
+
+    for name in list_recipes():
+        cfg = load_config(name)
+        print(f"{name:<12} {cfg.model.name:<16} {cfg.data.image_size:>4}px  {cfg.train.epochs:>3} epochs  "
+              f"{cfg.description}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from medlens.data.download import DATASETS, resolve_dataset
+
+    if args.action == "list":
+        for name, spec in DATASETS.items():
+            print(f"{name:<16} {spec.description}")
+        return 0
+    print(resolve_dataset(args.name, data_arg=None))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: obtain the data, train the default recipe, evaluate on the official test split once."""
+    from medlens.config import load_config
+    from medlens.train import fit
+
+    data = _resolve_data(args.data)
+    recipe = args.recipe if args.recipe != "auto" else _auto_recipe(str(data))
+    cfg = load_config(recipe, args.set)
+    run = Path(args.out) if args.out else Path("runs") / f"{Path(data).name}-{recipe}"
+    print(f"medlens: training recipe '{recipe}' on {data} -> {run}", file=sys.stderr)
+    fit(cfg, data, run, progress=not args.no_progress)
+    ns = argparse.Namespace(run=str(run), data=str(data), split="test", no_progress=args.no_progress,
+                            bootstrap=None)
+    return cmd_evaluate(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medlens", description="CNNs for medical imaging: train, evaluate, predict.")
+    p.add_argument("--version", action="version", version=f"medlens {__import__('medlens').__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model on DATA into a run directory")
+    t.add_argument("data", metavar="DATA", help="image folder, CSV (path,label[,patient_id]), MedMNIST .npz, "
+                                                "or a data set name (see `medlens data list`)")
+    t.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
+    t.add_argument("--recipe", default="auto", help="recipe name or YAML file (`medlens recipes`); auto picks "
+                                                    "by device and data")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, "
+                                                                                   "e.g. train.epochs=5")
+    t.add_argument("--resume", action="store_true", help="continue from RUN/last.ckpt")
+    t.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a run on a split and write metrics.json + report.html")
+    e.add_argument("run", metavar="RUN")
+    e.add_argument("--data", required=True, metavar="DATA")
+    e.add_argument("--split", default="test", help="test (default), val or train")
+    e.add_argument("--bootstrap", type=int, default=None, metavar="N", help="bootstrap resamples for the CIs")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="predict PNG / JPEG / DICOM files; one JSON object per file")
+    r.add_argument("run", metavar="RUN")
+    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("models", help="list the registered architectures")
+    m.add_argument("pattern", nargs="?", default="*")
+    m.set_defaults(func=cmd_models)
+
+    rc = sub.add_parser("recipes", help="list the training recipes")
+    rc.set_defaults(func=cmd_recipes)
+
+    d = sub.add_parser("data", help="public data sets: list, or fetch (checksummed, cached, resumable)")
+    d.add_argument("action", choices=["list", "fetch"])
+    d.add_argument("name", nargs="?", default=DEFAULT_DATASET)
+    d.set_defaults(func=cmd_data)
+
+    main_job = sub.add_parser("run", help="the main job: get chest X-rays, train, evaluate on test, write report")
+    main_job.add_argument("--data", default=None, help="local copy of the data (default: find or download "
+                                                       f"'{DEFAULT_DATASET}')")
+    main_job.add_argument("--out", default=None, metavar="RUN")
+    main_job.add_argument("--recipe", default="auto")
+    main_job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    main_job.add_argument("--no-progress", action="store_true")
+    main_job.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="medlens: %(message)s")
+    try:
+        return args.func(args)
+    except MedlensError as exc:
+        print(f"medlens: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("medlens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user mistake: one line here, the traceback in a file
+        if os.environ.get("MEDLENS_DEBUG"):
+            raise
+        fd, path = tempfile.mkstemp(prefix="medlens-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(traceback.format_exc())
+        print(f"medlens: internal error: {type(exc).__name__}: {exc}\n  the full traceback is in {path}; "
+              "please report it", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Find the samples of a data set: ``discover(data) -> SampleTable``.
+
+Three kinds of source are understood:
+
+``folder``
+    ``ROOT/{train,val,test}/CLASS/*`` (the source has its own split) or ``ROOT/CLASS/*`` (no split).
+    Class folders are sorted by name; label ``i`` is ``classes[i]``. Files are found recursively below
+    each class folder (so ``CLASS/patient/study/*.dcm`` works) and filtered by
+    :func:`medlens.data.readers.is_image_file`. Hidden files and folders (and ``__MACOSX``) are ignored.
+``csv``
+    A CSV file with a header and the columns ``path,label`` plus optional ``patient_id`` and ``split``.
+    Paths are relative to the CSV's folder or absolute. Other columns go into ``meta``.
+``npz``
+    A MedMNIST ``.npz`` (``train_images, train_labels, val_images, val_labels, test_images,
+    test_labels``). Items are ``f"{npz_path}::{split}::{index}"``; MedMNIST has no patient ids, so every
+    image is its own patient.
+
+Patient ids
+-----------
+A classifier must be validated on patients it has never seen, so every sample gets a patient id:
+
+1. ``patient_pattern`` (a regex with a group named ``patient`` or one group), searched in the file's
+   path relative to the data root (e.g. ``train/NORMAL/IM-0115-0001.jpeg``); it must match every file.
+2. Otherwise the Kermany chest X-ray names are recognised:
+
+   * ``personN_bacteria_M`` -> ``"personN_bacteria"``, ``personN_virus_M`` -> ``"personN_virus"``
+     (and ``meta["subtype"]``). The person number is counted separately for bacterial and viral
+     cases: in the shared copy of the data set images of ``person1_bacteria`` and ``person1_virus``
+     are no more alike than random pairs, while images of one ``personN_bacteria`` are, and the official
+     train/test split shares 170 person numbers between train and test but always with the other
+     subtype. Treating the number alone as the patient would merge unrelated children and make the
+     official split look leaky; the subtype is therefore part of the patient id.
+   * ``NORMAL2-IM-XXXX-YYYY`` -> ``"normal2-XXXX"``, ``IM-XXXX-YYYY`` -> ``"im-XXXX"`` (numbered
+     separately for the two prefixes).
+3. Otherwise (or for a CSV, when there is a ``patient_id`` column, that column) the file itself: each
+   image is its own patient. ``SampleTable.patient_id_source`` says which rule was used and
+   ``SampleTable.notes`` warns when ids are per file (a split can then leak a patient's other images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medlens.errors import ConfigError, DataError
+
+SPLIT_NAMES = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+_IGNORED_DIRS = {"__macosx", "__pycache__"}
+
+# Kermany et al. 2018 file names (see module docstring for why the subtype is part of the patient id).
+_KERMANY_PATTERNS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^person(\d+)_(bacteria|virus)_\d+", re.IGNORECASE), "person"),
+    (re.compile(r"^NORMAL2-IM-(\d+)-\d+", re.IGNORECASE), "normal2"),
+    (re.compile(r"^IM-(\d+)-\d+", re.IGNORECASE), "im"),
+]
+
+# Class names of MedMNIST data sets (label i = classes[i]), from the MedMNIST v2 INFO table.
+_MEDMNIST_CLASSES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal, benign"],
+}
+_NPZ_KEYS = [f"{s}_{k}" for s in SPLIT_NAMES for k in ("images", "labels")]
+
+
+@dataclass
+class SampleTable:
+    """One row per sample. All per-item lists have the same length and order."""
+
+    items: list[str]  # absolute file paths, or for npz: f"{npz_path}::{split}::{index}"
+    labels: np.ndarray  # int64 (N,)
+    patient_ids: list[str]
+    splits: list[str]  # "train" | "val" | "test" | "" (source has no split)
+    classes: list[str]  # label i = classes[i]
+    meta: list[dict]  # per item, e.g. {"subtype": "bacteria"} for Kermany pneumonia
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files left out
+    source: str = ""  # the folder, CSV or npz given to discover (absolute)
+    kind: str = ""  # "folder" | "csv" | "npz"
+    patient_id_source: str = ""  # "filename" | "pattern" | "column" | "per-file" | "mixed"
+    patients_per_file: bool = False  # True when (some) patient ids are just the file: splits may leak
+    notes: list[str] = field(default_factory=list)  # things the user should know about this source
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.items)
+        for name in ("labels", "patient_ids", "splits", "meta"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"SampleTable.{name} has {len(getattr(self, name))} entries, items has {n}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_split(self) -> bool:
+        """True when the source brings its own split (some item has a non-empty split)."""
+        return any(self.splits)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Indices of the items of one of the source's own splits."""
+        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def label_counts(self, indices=None) -> dict[str, int]:
+        labels = self.labels if indices is None else self.labels[np.asarray(indices, dtype=np.int64)]
+        counts = np.bincount(labels, minlength=len(self.classes))
+        return {c: int(counts[i]) for i, c in enumerate(self.classes)}
+
+    def subset(self, mask_or_indices) -> SampleTable:
+        """A new table with the rows selected by a boolean mask (length N) or by integer indices."""
+        sel = np.asarray(mask_or_indices)
+        if sel.dtype == bool:
+            if sel.shape != (len(self),):
+                raise ValueError(f"mask has shape {sel.shape}, table has {len(self)} rows")
+            idx = np.flatnonzero(sel)
+        else:
+            idx = sel.astype(np.int64).ravel()
+        return SampleTable(
+            items=[self.items[i] for i in idx],
+            labels=self.labels[idx].copy(),
+            patient_ids=[self.patient_ids[i] for i in idx],
+            splits=[self.splits[i] for i in idx],
+            classes=list(self.classes),
+            meta=[dict(self.meta[i]) for i in idx],
+            skipped=list(self.skipped),
+            source=self.source,
+            kind=self.kind,
+            patient_id_source=self.patient_id_source,
+            patients_per_file=self.patients_per_file,
+            notes=list(self.notes),
+        )
+
+    def relative_name(self, i: int) -> str:
+        """The item's name relative to the source (forward slashes): the same on every machine."""
+        return _relative_name(self.items[i], self.source, self.kind)
+
+    def fingerprint(self) -> str:
+        """sha256 over the items' relative names, labels and class names (stable across machines)."""
+        h = hashlib.sha256()
+        h.update(("\x1f".join(self.classes) + "\x1e").encode())
+        for i in range(len(self)):
+            h.update(f"{self.relative_name(i)}\x1f{int(self.labels[i])}\x1e".encode())
+        return h.hexdigest()
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        lines = [f"{self.kind} {self.source}: {len(self)} images, {len(set(self.patient_ids))} patients"]
+        for split in ([s for s in SPLIT_NAMES if s in self.splits] if self.has_split else [""]):
+            idx = self.indices(split) if split else np.arange(len(self))
+            counts = ", ".join(f"{c} {n}" for c, n in self.label_counts(idx).items())
+            lines.append(f"  {split or 'all'}: {len(idx)} ({counts})")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} unreadable files, e.g. {self.skipped[0][0]}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _relative_name(item: str, source: str, kind: str) -> str:
+    if kind == "npz":
+        path, split, index = item.rsplit("::", 2)
+        return f"{Path(path).name}::{split}::{index}"
+    base = Path(source) if kind == "folder" else Path(source).parent
+    p = Path(item)
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:  # an absolute path outside the CSV's folder: keep what is stable, the tail
+        return "/".join(p.parts[-3:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# patient ids
+
+
+def _compile_pattern(pattern: str | None) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"patient pattern {pattern!r} is not a valid regular expression: {e}") from None
+    if "patient" not in rx.groupindex and rx.groups < 1:
+        raise ConfigError(
+            f"patient pattern {pattern!r} has no group: mark the patient id with (?P<patient>...) or (...)"
+        )
+    return rx
+
+
+def kermany_patient(name: str) -> tuple[str, dict] | None:
+    """Patient id and meta from a Kermany file name (``person12_virus_34.jpeg``), or None."""
+    stem = Path(name).name
+    for rx, kind in _KERMANY_PATTERNS:
+        m = rx.match(stem)
+        if m is None:
+            continue
+        number = m.group(1)
+        if kind == "person":
+            subtype = m.group(2).lower()
+            return f"person{number}_{subtype}", {"subtype": subtype}
+        return f"{kind}-{number}", {}
+    return None
+
+
+class _PatientNamer:
+    """Gives each file a patient id and records which rule was used."""
+
+    def __init__(self, pattern: str | None):
+        self.rx = _compile_pattern(pattern)
+        self.pattern = pattern
+        self.used: Counter = Counter()
+        self.unmatched: list[str] = []
+
+    def __call__(self, rel: str) -> tuple[str, dict]:
+        if self.rx is not None:
+            m = self.rx.search(rel)
+            if m is None:
+                self.unmatched.append(rel)
+                return rel, {}
+            pid = m.group("patient") if "patient" in self.rx.groupindex else m.group(1)
+            self.used["pattern"] += 1
+            return pid, {}
+        found = kermany_patient(rel)
+        if found is not None:
+            self.used["filename"] += 1
+            return found
+        self.used["per-file"] += 1
+        return _per_file_id(rel), {}
+
+    def check(self, where: str) -> None:
+        if self.unmatched:
+            n = len(self.unmatched)
+            raise DataError(
+                f"patient pattern {self.pattern!r} matched no patient id in {n} file(s) of {where}, "
+                f"e.g. {', '.join(self.unmatched[:3])}",
+                hint="the pattern is searched in each path relative to the data root; fix the pattern "
+                "or leave it out to use the file names",
+            )
+
+
+def _per_file_id(rel: str) -> str:
+    """Patient id of a file with no known patient: its relative path without suffix (unique per file)."""
+    p = Path(rel)
+    return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
+
+
+def _finish_patients(table_kwargs: dict, used: Counter, n: int) -> None:
+    kinds = [k for k in ("column", "pattern", "filename", "per-file") if used.get(k)]
+    table_kwargs["patient_id_source"] = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "")
+    table_kwargs["patients_per_file"] = bool(used.get("per-file"))
+    if used.get("per-file"):
+        k = used["per-file"]
+        table_kwargs["notes"].append(
+            f"no patient id found for {k} of {n} images: each of them counts as its own patient, so a "
+            "patient with several images can end up in both train and validation; give a patient_pattern "
+            "or a CSV with a patient_id column"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# discover
+
+
+def discover(
+    data: str | Path,
+    *,
+    patient_pattern: str | None = None,
+    strict: bool = False,
+    check_readable: bool = True,
+) -> SampleTable:
+    """Find the samples in an image folder, a CSV or a MedMNIST ``.npz``.
+
+    ``check_readable`` does the cheap check only (the file exists and is not empty); decoding every file
+    is left to :class:`medlens.data.cache.TensorCache`, which decodes each image once and reports the
+    unreadable ones. Empty files are left out and listed in ``SampleTable.skipped``, or with
+    ``strict=True`` raise :class:`DataError`.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data path {path} does not exist",
+            hint="give a folder of class folders (optionally inside train/val/test), "
+            "a CSV with path,label columns, or a MedMNIST .npz",
+        )
+    path = path.absolute()
+    if path.is_dir():
+        return _discover_folder(path, patient_pattern, strict, check_readable)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _discover_csv(path, patient_pattern, strict, check_readable)
+    if suffix == ".npz":
+        return _discover_npz(path)
+    raise DataError(
+        f"{path} is not a folder, a .csv or a .npz file",
+        hint="give a folder of class folders, a CSV with path,label columns, or a MedMNIST .npz",
+    )
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as e:
+        raise DataError(f"cannot list folder {folder}: {e.strerror or e}") from None
+    return [p for p in entries if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in _IGNORED_DIRS]
+
+
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    """Image files below ``folder`` (recursive, sorted) and the number of other files ignored."""
+    from medlens.data.readers import is_image_file
+
+    found: list[Path] = []
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _IGNORED_DIRS)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            if is_image_file(p):
+                found.append(p)
+            else:
+                ignored += 1
+    return found, ignored
+
+
+def _cheap_check(p: Path) -> str | None:
+    """Reason a file is unusable (missing or empty), or None."""
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _discover_folder(root: Path, pattern: str | None, strict: bool, check: bool) -> SampleTable:
+    subdirs = _visible_dirs(root)
+    split_dirs = [d for d in subdirs if d.name.lower() in _SPLIT_ALIASES]
+    if split_dirs:
+        others = [d.name for d in subdirs if d not in split_dirs]
+        if others:
+            raise DataError(
+                f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
+                f"({', '.join(others)})",
+                hint="use either ROOT/{train,val,test}/CLASS/images or ROOT/CLASS/images",
+            )
+        seen: dict[str, Path] = {}
+        for d in split_dirs:
+            s = _SPLIT_ALIASES[d.name.lower()]
+            if s in seen:
+                raise DataError(f"{root} has two folders for the {s} split: {seen[s].name} and {d.name}")
+            seen[s] = d
+        layout = [(s, seen[s]) for s in SPLIT_NAMES if s in seen]
+    else:
+        layout = [("", root)]
+
+    # class folders per split
+    per_split: list[tuple[str, Path, list[Path]]] = []
+    for split, folder in layout:
+        class_dirs = _visible_dirs(folder)
+        if not class_dirs:
+            loose, _ = _image_files(folder)
+            where = f"{folder}" + (f" (the {split} split)" if split else "")
+            if loose:
+                raise DataError(
+                    f"{where} holds images but no class folders",
+                    hint=f"put the images into one folder per class, e.g. {folder}/NORMAL and {folder}/PNEUMONIA",
+                )
+            raise DataError(
+                f"no images found in {where}",
+                hint="expected one folder per class (e.g. NORMAL/, PNEUMONIA/) holding PNG, JPEG or DICOM files",
+            )
+        per_split.append((split, folder, class_dirs))
+
+    classes = sorted({d.name for _, _, dirs in per_split for d in dirs})
+    if len(classes) < 2:
+        only = classes[0]
+        folder = per_split[0][1]
+        hint = "a classifier needs one folder per class, e.g. NORMAL/ and PNEUMONIA/"
+        inner = _visible_dirs(folder / only)
+        if inner:
+            hint += f"; if {folder / only} is the data set itself, point at it instead"
+        raise DataError(
+            f"found only one class '{only}' in {folder}: a classifier needs at least two class folders",
+            hint=hint,
+        )
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    namer = _PatientNamer(pattern)
+    kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
+    skipped: list[tuple[str, str]] = []
+    ignored_total = 0
+    for split, folder, class_dirs in per_split:
+        for cdir in class_dirs:
+            files, ignored = _image_files(cdir)
+            ignored_total += ignored
+            if not files:
+                inner = _visible_dirs(cdir)
+                hint = "put the class's images (PNG, JPEG or DICOM) into it, or remove the empty folder"
+                if ignored:
+                    hint = f"it holds {ignored} file(s) that are not images; " + hint
+                if inner and not ignored:
+                    hint = f"its subfolders ({', '.join(d.name for d in inner[:3])}) hold no images either; " + hint
+                raise DataError(f"class folder {cdir} contains no images", hint=hint)
+            for f in files:
+                if check:
+                    reason = _cheap_check(f)
+                    if reason is not None:
+                        skipped.append((str(f), reason))
+                        continue
+                rel = f.relative_to(root).as_posix()
+                pid, meta = namer(rel)
+                kw["items"].append(str(f))
+                kw["labels"].append(class_index[cdir.name])
+                kw["patient_ids"].append(pid)
+                kw["splits"].append(split)
+                kw["meta"].append(meta)
+    namer.check(str(root))
+    _handle_skipped(skipped, strict, str(root))
+    if not kw["items"]:
+        raise DataError(f"no readable images found in {root}")
+    _finish_patients(kw, namer.used, len(kw["items"]))
+    if ignored_total:
+        kw["notes"].append(f"ignored {ignored_total} file(s) that are not images")
+    if split_dirs:
+        for split, folder, class_dirs in per_split:
+            missing = sorted(set(classes) - {d.name for d in class_dirs})
+            if missing:
+                kw["notes"].append(f"the {split} split ({folder}) has no folder for class(es) {', '.join(missing)}")
+    return SampleTable(
+        classes=classes, skipped=skipped, source=str(root), kind="folder", **_as_arrays(kw)
+    )
+
+
+def _as_arrays(kw: dict) -> dict:
+    kw = dict(kw)
+    kw["labels"] = np.asarray(kw["labels"], dtype=np.int64)
+    return kw
+
+
+def _handle_skipped(skipped: list[tuple[str, str]], strict: bool, where: str) -> None:
+    if skipped and strict:
+        listed = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        raise DataError(
+            f"{len(skipped)} unusable file(s) in {where}: {listed}{more}",
+            hint="remove or replace them, or run without strict to skip them",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# CSV
+
+
+def _sort_classes(values: set[str]) -> list[str]:
+    """Sorted class names; numerically when every name is an integer (so "10" comes after "2")."""
+    try:
+        return sorted(values, key=lambda v: (int(v), v))
+    except ValueError:
+        return sorted(values)
+
+
+def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool) -> SampleTable:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read CSV {csv_path}: {e}") from None
+    if not rows:
+        raise DataError(f"CSV {csv_path} is empty", hint="it needs a header row with the columns path,label")
+    header = [h.strip().lower() for h in rows[0]]
+    col = {name: i for i, name in enumerate(header)}
+    for alias, name in (("patient", "patient_id"), ("patientid", "patient_id")):
+        if alias in col and name not in col:
+            col[name] = col[alias]
+    missing = [c for c in ("path", "label") if c not in col]
+    if missing:
+        raise DataError(
+            f"CSV {csv_path} has no column {' or '.join(repr(m) for m in missing)} "
+            f"(its columns are: {', '.join(rows[0]) or 'none'})",
+            hint="the first row must name the columns: path,label (optionally patient_id and split)",
+        )
+    body = [(n, r) for n, r in enumerate(rows[1:], start=2) if any(c.strip() for c in r)]
+    if not body:
+        raise DataError(f"CSV {csv_path} has a header but no rows")
+    base = csv_path.parent
+    extra_cols = [h for h in header if h not in ("path", "label", "split", "patient_id", "patient", "patientid")]
+    entries = []
+    for line, r in body:
+        if len(r) < len(header):
+            r = r + [""] * (len(header) - len(r))
+        p = r[col["path"]].strip()
+        label = r[col["label"]].strip()
+        if not p or not label:
+            raise DataError(f"CSV {csv_path} line {line}: empty {'path' if not p else 'label'}")
+        split = ""
+        if "split" in col:
+            raw = r[col["split"]].strip()
+            if raw:
+                split = _SPLIT_ALIASES.get(raw.lower(), "")
+                if not split:
+                    raise DataError(
+                        f"CSV {csv_path} line {line}: unknown split {raw!r}",
+                        hint="use train, val or test (or leave the cell empty)",
+                    )
+        pid = r[col["patient_id"]].strip() if "patient_id" in col else ""
+        if "patient_id" in col and not pid:
+            raise DataError(f"CSV {csv_path} line {line}: empty patient_id")
+        fp = Path(p).expanduser()
+        if not fp.is_absolute():
+            fp = base / fp
+        meta = {h: r[i] for h in extra_cols for i in [header.index(h)] if r[i] != ""}
+        entries.append((line, fp, label, split, pid, meta))
+
+    not_found = [str(e[1]) for e in entries if not e[1].is_file()]
+    if not_found:
+        raise DataError(
+            f"CSV {csv_path} lists {len(not_found)} file(s) that do not exist, e.g. {', '.join(not_found[:5])}",
+            hint=f"relative paths are taken from the CSV's folder {base}",
+        )
+    classes = _sort_classes({e[2] for e in entries})
+    if len(classes) < 2:
+        raise DataError(
+            f"found only one class '{classes[0]}' in {csv_path}: a classifier needs at least two labels"
+        )
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    namer = _PatientNamer(pattern)
+    kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
+    skipped: list[tuple[str, str]] = []
+    for _line, fp, label, split, pid, meta in entries:
+        if check:
+            reason = _cheap_check(fp)
+            if reason is not None:
+                skipped.append((str(fp), reason))
+                continue
+        rel = _relative_name(str(fp), str(csv_path), "csv")
+        if pid:
+            namer.used["column"] += 1
+            found = kermany_patient(rel)
+            if found is not None:
+                meta = {**found[1], **meta}
+        else:
+            pid, pmeta = namer(rel)
+            meta = {**pmeta, **meta}
+        kw["items"].append(str(fp))
+        kw["labels"].append(class_index[label])
+        kw["patient_ids"].append(pid)
+        kw["splits"].append(split)
+        kw["meta"].append(meta)
+    namer.check(str(csv_path))
+    _handle_skipped(skipped, strict, str(csv_path))
+    if not kw["items"]:
+        raise DataError(f"no readable images listed in {csv_path}")
+    _finish_patients(kw, namer.used, len(kw["items"]))
+    return SampleTable(classes=classes, skipped=skipped, source=str(csv_path), kind="csv", **_as_arrays(kw))
+
+
+# ---------------------------------------------------------------------------------------------------
+# MedMNIST npz
+
+
+def npz_item(npz_path: str | Path, split: str, index: int) -> str:
+    return f"{npz_path}::{split}::{index}"
+
+
+def parse_npz_item(item: str) -> tuple[str, str, int] | None:
+    """``(npz_path, split, index)`` for an npz item, or None for a file path."""
+    parts = item.rsplit("::", 2)
+    if len(parts) != 3 or parts[1] not in SPLIT_NAMES or not parts[2].isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def _discover_npz(npz_path: Path) -> SampleTable:
+    try:
+        npz = np.load(npz_path, allow_pickle=False)
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError
+        raise DataError(f"cannot read {npz_path} as a .npz file: {e}") from None
+    with npz:
+        keys = list(npz.files)
+        missing = [k for k in _NPZ_KEYS if k not in keys]
+        if missing:
+            raise DataError(
+                f"{npz_path} is not a MedMNIST file: missing {', '.join(missing)} "
+                f"(keys found: {', '.join(keys) or 'none'})",
+                hint="a MedMNIST .npz has train_images, train_labels, val_images, val_labels, test_images, "
+                "test_labels",
+            )
+        kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
+        all_labels = []
+        for split in SPLIT_NAMES:
+            labels = np.asarray(npz[f"{split}_labels"])
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.ndim != 1:
+                raise DataError(
+                    f"{npz_path}: {split}_labels has shape {labels.shape}; only single-label data sets "
+                    "(labels of shape (N,) or (N, 1)) are supported"
+                )
+            # the images' shape without loading them (they can be large)
+            n_images = _npz_array_len(npz, f"{split}_images")
+            if n_images != len(labels):
+                raise DataError(
+                    f"{npz_path}: {split}_images has {n_images} images but {split}_labels has {len(labels)} labels"
+                )
+            all_labels.append(labels.astype(np.int64))
+            for i in range(len(labels)):
+                item = npz_item(npz_path, split, i)
+                kw["items"].append(item)
+                kw["patient_ids"].append(item)
+                kw["splits"].append(split)
+                kw["meta"].append({})
+    labels = np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64)
+    if labels.size == 0:
+        raise DataError(f"{npz_path} holds no images")
+    if labels.min() < 0:
+        raise DataError(f"{npz_path}: negative labels found")
+    known = _MEDMNIST_CLASSES.get(npz_path.stem.lower().split("_")[0])
+    n_classes = int(labels.max()) + 1
+    if known is not None and n_classes <= len(known):
+        classes = list(known)
+    else:
+        classes = [str(i) for i in range(n_classes)]
+    if len(classes) < 2:
+        raise DataError(f"found only one class in {npz_path}: a classifier needs at least two labels")
+    kw["labels"] = labels
+    kw["notes"].append(
+        "MedMNIST has no patient ids: each image counts as its own patient (the official MedMNIST "
+        "train/val split was made per image, so it can share patients)"
+    )
+    return SampleTable(
+        classes=classes, source=str(npz_path), kind="npz", patient_id_source="per-file",
+        patients_per_file=True, **kw,
+    )
+
+
+def _npz_array_len(npz, key: str) -> int:
+    """Length of an array in an npz, read from the .npy header (does not load the data)."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    try:
+        with npz.zip.open(f"{key}.npy") as fh:
+            version = npformat.read_magic(fh)
+            if version == (1, 0):
+                shape, _, _ = npformat.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, _ = npformat.read_array_header_2_0(fh)
+            else:
+                raise ValueError(version)
+        return int(shape[0]) if shape else 0
+    except (KeyError, AttributeError, ValueError, OSError, zipfile.BadZipFile):
+        return len(npz[key])

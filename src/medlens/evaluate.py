@@ -1,0 +1,122 @@
+"""Evaluation of a trained run on a named split: metrics with bootstrap intervals, subgroups and the report.
+
+The threshold comes from the model card (chosen on validation during training) and is applied unchanged here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from medlens.config import Config, config_from_dict
+from medlens.data.cache import TensorCache
+from medlens.data.sources import SampleTable, discover
+from medlens.data.split import patient_grouped_split
+from medlens.errors import ConfigError, DataError
+from medlens.inference import Predictor
+from medlens.metrics import metrics_with_ci, subgroup_sensitivity
+from medlens.report import write_report
+
+log = logging.getLogger("medlens.evaluate")
+SPLITS = ("test", "val", "train")
+
+
+def run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise DataError(f"{run_dir}: not a medlens run directory (no config.yaml)",
+                        hint="pass the --out folder of a finished `medlens train`")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def split_indices(table: SampleTable, cfg: Config, split: str, run_dir: Path) -> np.ndarray:
+    """Indices of `split`; the official test folder when the source has one, else the run's own split."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'", hint=f"choose one of {', '.join(SPLITS)}")
+    if split == "test" and "test" in table.splits:
+        return np.flatnonzero(np.asarray(table.splits) == "test")
+    parts = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    return parts[split]
+
+
+def _patients_seen_in_training(run_dir: Path) -> set[str]:
+    path = run_dir / "split.json"
+    if not path.exists():
+        return set()
+    manifest = json.loads(path.read_text())
+    return set(manifest.get("train", {}).get("patients", [])) | set(manifest.get("val", {}).get("patients", []))
+
+
+def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, progress: bool = True,
+             n_bootstrap: int | None = None) -> dict:
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    predictor = Predictor.from_run(run_dir)
+    card = predictor.card
+    table = discover(data, patient_pattern=cfg.data.patient_pattern, strict=cfg.data.strict)
+    if list(table.classes) != list(card.class_names):
+        raise DataError(f"{data}: classes {table.classes} differ from the model's {card.class_names}",
+                        hint="evaluate on data with the same class folders the model was trained on")
+    idx = split_indices(table, cfg, split, run_dir)
+    if len(idx) == 0:
+        raise DataError(f"{data}: the '{split}' split is empty")
+    if split == "test" and table.kind != "npz":
+        overlap = _patients_seen_in_training(run_dir) & {table.patient_ids[i] for i in idx}
+        if overlap:
+            log.warning("%d test patient ids also occur in training/validation (e.g. %s): check for leakage",
+                        len(overlap), sorted(overlap)[:3])
+    cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
+    loaded = cache.load(table, idx, card.input_size, strict=cfg.data.strict, progress=progress)
+    y = table.labels[loaded.keep].astype(int)
+    prob = predictor.predict_images(loaded.images)
+    threshold = card.threshold
+    n_boot = n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap
+    metrics = metrics_with_ci(y, prob, threshold, n_boot=n_boot, seed=cfg.train.seed)
+
+    pred = (prob >= threshold).astype(int)
+    subtypes = [table.meta[i].get("subtype") for i in loaded.keep]
+    subgroups = None
+    if any(subtypes):
+        positive = y == 1
+        subgroups = {"sensitivity by pneumonia subtype": subgroup_sensitivity(
+            y[positive], pred[positive], [subtypes[i] or "unknown" for i in np.flatnonzero(positive)])}
+
+    gallery = []
+    k = cfg.eval.n_error_examples
+    for kind, mask, order in (("false positive", (pred == 1) & (y == 0), -prob),
+                              ("false negative", (pred == 0) & (y == 1), prob)):
+        chosen = [i for i in np.argsort(order) if mask[i]][:k]
+        gallery += [{"image": loaded.images[i, 0].numpy(), "prob": float(prob[i]), "label": int(y[i]),
+                     "path": table.items[loaded.keep[i]], "kind": kind} for i in chosen]
+
+    n_params = sum(p.numel() for p in predictor.model.parameters())
+    summary = {
+        "data": {"source": str(data), "split": split, "images": int(len(y)),
+                 "per class": {c: int((y == i).sum()) for i, c in enumerate(card.class_names)},
+                 "unreadable skipped": len(loaded.skipped), "data fingerprint": table.fingerprint()[:16]},
+        "model": {"architecture": card.model_name, "parameters": f"{n_params:,}", "model id": card.model_id,
+                  "input": f"{card.input_size}x{card.input_size}, {card.intensity}", "recipe": card.recipe,
+                  "best epoch": card.epoch, "operating threshold": round(threshold, 4),
+                  "threshold policy": card.threshold_policy,
+                  "validation AUC": round(card.metrics.get("val", {}).get("auc", float("nan")), 4),
+                  "split hash": card.split_hash[:16]},
+    }
+    out = run_dir / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**metrics, "split": split, "model_id": card.model_id, "subgroups": subgroups,
+              "skipped": [list(s) for s in loaded.skipped]}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "probability", "predicted"])
+        for j, i in enumerate(loaded.keep):
+            writer.writerow([table.items[i], int(y[j]), f"{prob[j]:.6f}", int(pred[j])])
+    write_report(out, metrics=metrics, y_true=y, y_prob=prob, threshold=threshold, class_names=card.class_names,
+                 errors_gallery=gallery, subgroups=subgroups, summary=summary,
+                 title=f"medlens evaluation: {run_dir.name}, {split} split")
+    return result

@@ -1,0 +1,118 @@
+"""Prediction from a run directory: load the card and weights, preprocess exactly as in training, predict.
+
+Training (validation passes), evaluation, `medlens predict` and the service all go through `predict_probs`,
+so the network sees identically prepared input everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medlens.data.cache import preprocess
+from medlens.data.readers import read_image
+from medlens.errors import DataError
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"device '{name}' was asked for but no CUDA GPU is available",
+                        hint="use --set train.device=cpu (or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op on the CPU, where fp32 is faster for convs."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, intensity: str, batch_size: int = 256,
+                   device: torch.device | None = None, amp: bool = True) -> torch.Tensor:
+    """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches, model in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    channels_last = device.type == "cuda"
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device, non_blocking=True)
+        x = normalize_batch(x, intensity)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (N, C) from logits; temperature scaling is applied here and nowhere else."""
+    return torch.softmax(logits / temperature, dim=1).numpy()
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    card: ModelCard
+    device: torch.device
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
+        dev = resolve_device(device)
+        model, card = load_checkpoint(Path(run_dir), map_location=dev)
+        model.to(dev).eval()
+        if dev.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        return cls(model=model, card=card, device=dev)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training."""
+        return torch.from_numpy(preprocess(image, self.card.input_size))[None, None]
+
+    def predict_images(self, images: torch.Tensor) -> np.ndarray:
+        """Positive-class probabilities for uint8 images (N, 1, S, S)."""
+        logits = predict_logits(self.model, images, intensity=self.card.intensity, device=self.device)
+        return probabilities(logits, self.card.temperature)[:, self.card.positive_class]
+
+    def predict(self, paths: list[str | Path]) -> list[dict]:
+        """One result per file: probability, label at the operating point, threshold, model id.
+        Unreadable files give a result with an ``error`` field instead of stopping the batch."""
+        results: list[dict] = []
+        batch, where = [], []
+        for path in paths:
+            try:
+                image, _meta = read_image(path)
+            except DataError as exc:
+                results.append({"path": str(path), "error": exc.message})
+                continue
+            where.append(len(results))
+            results.append({"path": str(path)})
+            batch.append(self.prepare(image))
+        if batch:
+            probs = self.predict_images(torch.cat(batch))
+            for i, p in zip(where, probs, strict=True):
+                positive = bool(p >= self.card.threshold)
+                results[i].update({
+                    "probability": round(float(p), 6),
+                    "label": self.card.class_names[self.card.positive_class if positive else 1 - self.card.positive_class],
+                    "positive": positive,
+                    "threshold": round(float(self.card.threshold), 6),
+                    "model_id": self.card.model_id,
+                })
+        return results
+
+
+def to_json_lines(results: list[dict]) -> str:
+    return "\n".join(json.dumps(r) for r in results)

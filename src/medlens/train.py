@@ -1,0 +1,253 @@
+"""The training loop, readable top to bottom.
+
+fit(): discover data -> patient-grouped split (train/val only; the test split is never loaded here) -> decoded
+tensor cache -> model -> AdamW with warm-up + cosine -> epochs of batch-augmented steps -> validation AUC ->
+early stopping and the best checkpoint -> operating threshold chosen on validation -> model card.
+
+The whole uint8 training set lives on the training device (Kermany at 224 px is 260 MB), so a step is an index,
+a cast, one batched augmentation and the network: no DataLoader workers and no JPEG decoding in the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import medlens
+from medlens.config import Config
+from medlens.data.augment import BatchAugment
+from medlens.data.cache import TensorCache
+from medlens.data.sources import discover
+from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
+from medlens.errors import ConfigError, DataError
+from medlens.inference import autocast, predict_logits, probabilities, resolve_device
+from medlens.losses import make_loss
+from medlens.metrics import binary_metrics, choose_threshold
+from medlens.models import create_model
+from medlens.models.card import ModelCard, normalize_batch, save_checkpoint
+
+log = logging.getLogger("medlens.train")
+RESUME_FILE = "last.ckpt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("medlens").addHandler(handler)
+    logging.getLogger("medlens").setLevel(logging.INFO)
+    return handler
+
+
+def _lr_lambda(warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(binary_metrics(y, p, 0.5)["auc"])
+
+
+def versions() -> dict[str, str]:
+    import monai
+
+    return {"medlens": medlens.__version__, "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version()}
+
+
+def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True):
+    """Discover the data set, split it by patient and load train + val through the cache (never test)."""
+    table = discover(data, patient_pattern=cfg.data.patient_pattern, strict=cfg.data.strict)
+    if len(table.classes) != 2:
+        raise DataError(f"{data}: found {len(table.classes)} classes ({', '.join(table.classes)})",
+                        hint="this version trains binary classifiers: give two class folders")
+    split = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    assert_patient_disjoint(table, split)
+    cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
+    loaded = {name: cache.load(table, split[name], cfg.data.image_size, strict=cfg.data.strict, progress=progress)
+              for name in ("train", "val")}
+    return table, split, loaded
+
+
+def fit(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = False,
+        progress: bool = True) -> ModelCard:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir)
+    try:
+        return _fit(cfg, data, run_dir, resume=resume, progress=progress)
+    finally:
+        logging.getLogger("medlens").removeHandler(handler)
+        handler.close()
+
+
+def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress: bool) -> ModelCard:
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    if device.type == "cpu":
+        # Same seed, same machine -> identical metrics; CPU kernels are deterministic once this is on.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg.save(run_dir / "config.yaml")
+
+    table, split, loaded = load_split_data(cfg, data, progress=progress)
+    manifest = split_manifest(table, split)
+    (run_dir / "split.json").write_text(json.dumps(manifest, indent=1))
+    skipped = [s for part in loaded.values() for s in part.skipped]
+    if skipped:
+        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+        log.warning("skipped %d unreadable images (listed in %s)", len(skipped), run_dir / "skipped.txt")
+
+    x_train = loaded["train"].images.to(device)
+    y_train = torch.from_numpy(table.labels[loaded["train"].keep]).to(device)
+    x_val = loaded["val"].images
+    y_val = table.labels[loaded["val"].keep]
+    n, classes = len(x_train), table.classes
+    if n < tc.batch_size:
+        raise DataError(f"{data}: only {n} training images, fewer than one batch ({tc.batch_size})",
+                        hint="lower --set train.batch_size=... or add images")
+    counts = torch.bincount(y_train, minlength=len(classes)).cpu()
+    log.info("data %s: train %d %s, val %d, classes %s, device %s", data, n, counts.tolist(), len(x_val),
+             classes, device)
+
+    try:
+        model = create_model(cfg.model.name, num_classes=len(classes), in_chans=1, **cfg.model.args)
+    except TypeError as exc:
+        raise ConfigError(f"model '{cfg.model.name}' does not take these arguments: {cfg.model.args} ({exc})") from None
+    model.to(device)
+    if device.type == "cuda" and tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if tc.compile else model
+
+    steps_per_epoch = n // tc.batch_size
+    total_steps = steps_per_epoch * tc.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(max(1, int(tc.warmup_epochs * steps_per_epoch)), total_steps))
+    loss_fn = make_loss(tc.imbalance, counts, focal_gamma=tc.focal_gamma, label_smoothing=tc.label_smoothing).to(device)
+    order_gen = torch.Generator().manual_seed(tc.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    augment = BatchAugment(tc.augment, aug_gen)
+    sample_weights = (1.0 / counts.float())[y_train.cpu()] if tc.imbalance == "balanced_sampler" else None
+
+    card = ModelCard(
+        model_name=cfg.model.name, model_args=dict(cfg.model.args), class_names=list(classes),
+        input_size=cfg.data.image_size, in_chans=1, positive_class=1,
+        data_fingerprint=table.fingerprint(), split_hash=manifest["hash"], recipe=cfg.recipe,
+        config=cfg.to_dict(), versions=versions(),
+    )
+    state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    best_weights = None
+    resume_path = run_dir / RESUME_FILE
+    if resume and resume_path.exists():
+        ckpt = torch.load(resume_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        order_gen.set_state(ckpt["order_gen"])
+        aug_gen.set_state(ckpt["aug_gen"].to(aug_gen.get_state().device))
+        state = ckpt["state"]
+        best_weights = ckpt["best_weights"]
+        log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
+
+    metrics_file = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+    start = state["epoch"]
+    for epoch in range(start, tc.epochs):
+        if state["bad_epochs"] >= tc.early_stopping_patience:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        if sample_weights is not None:
+            order = torch.multinomial(sample_weights, n, replacement=True, generator=order_gen)
+        else:
+            order = torch.randperm(n, generator=order_gen)
+        order = order.to(device)
+        running, bar = 0.0, tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}",
+                                 disable=not progress, leave=False, unit="step")
+        for step in bar:
+            idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
+            x = augment(x_train[idx].float().div_(255))
+            x = normalize_batch(x, card.intensity)
+            if device.type == "cuda" and tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, tc.amp):
+                loss = loss_fn(step_model(x).float(), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() if step % 10 == 0 or step == steps_per_epoch - 1 else 0.0
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
+                                             batch_size=tc.eval_batch_size, amp=tc.amp))[:, 1]
+        val_auc = _auc(y_val, p_val)
+        improved = val_auc > state["best_auc"] + 1e-4
+        if improved:
+            state.update(best_auc=val_auc, best_epoch=epoch + 1, bad_epochs=0)
+            best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        record = {"epoch": epoch + 1, "train_loss": round(loss.item(), 5), "val_auc": round(val_auc, 5),
+                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2),
+                  "best": improved}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        msg = (f"epoch {epoch + 1:3d}/{tc.epochs}  loss {record['train_loss']:.4f}  val AUC {val_auc:.4f}"
+               f"{'  *best*' if improved else ''}  ({record['seconds']:.1f}s)")
+        log.info(msg)
+        if progress:
+            tqdm.write(msg)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
+                    "aug_gen": aug_gen.get_state(), "state": state, "best_weights": best_weights},
+                   resume_path.with_suffix(".tmp"))
+        resume_path.with_suffix(".tmp").replace(resume_path)
+    metrics_file.close()
+
+    # The operating point is chosen on validation with the best epoch's weights, then frozen into the card.
+    model.load_state_dict(best_weights)
+    p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
+                                         batch_size=tc.eval_batch_size, amp=tc.amp))[:, 1]
+    threshold = choose_threshold(y_val, p_val, policy=cfg.eval.threshold_policy, target=cfg.eval.target_sensitivity)
+    val_metrics = binary_metrics(y_val, p_val, threshold)
+    card.threshold = float(threshold)
+    card.threshold_policy = (f"{cfg.eval.threshold_policy} (target {cfg.eval.target_sensitivity})"
+                             f" on the patient-grouped validation split, n={len(y_val)}")
+    card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+                            for k, v in val_metrics.items()}}
+    card.epoch = state["best_epoch"]
+    card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    model.cpu()
+    save_checkpoint(model, card, run_dir)
+    val_rows = ["path,label,probability"] + [
+        f"{table.items[i]},{int(y)},{p:.6f}" for i, y, p in zip(loaded["val"].keep, y_val, p_val, strict=True)]
+    (run_dir / "val_predictions.csv").write_text("\n".join(val_rows) + "\n")
+    log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch, state["best_auc"], threshold,
+             card.threshold_policy)
+    return card

@@ -1,0 +1,277 @@
+"""Registry, model interface, checkpoint round trip and input normalisation (medlens.models)."""
+
+from __future__ import annotations
+
+import json
+import dataclasses
+
+import pytest
+import torch
+
+from medlens.errors import ConfigError, DataError
+from medlens.models import ImageClassifier, create_model, list_models, model_info
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
+
+ALL_MODELS = list_models()
+EXPECTED = {"seed_cnn", "seed_resnet", "seed_cbam", "densenet121", "resnet18", "resnet50", "efficientnet_b0"}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One instance per architecture, built on first use (construction dominates the cost of these tests)."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = create_model(name)
+        return cache[name]
+
+    return get
+
+
+def _x(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_every_model():
+    assert EXPECTED <= set(ALL_MODELS)
+    assert ALL_MODELS == sorted(ALL_MODELS)
+    assert list_models("seed_*") == ["seed_cbam", "seed_cnn", "seed_resnet"]
+    assert list_models("resnet*") == ["resnet18", "resnet50"]
+    assert list_models("nothing*") == []
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_forward_gives_logits_and_splits_into_features_and_head(models, name):
+    model = models(name).eval()
+    assert isinstance(model, ImageClassifier)
+    assert model.in_chans == 1 and model.num_classes == 2
+    assert isinstance(model.default_input_size, int) and model.default_input_size >= 64
+    x = _x()
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+        via_parts = model.forward_head(features)
+    assert logits.shape == (2, 2) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert features.ndim == 4 and features.shape[0] == 2 and features.shape[2] >= 1
+    torch.testing.assert_close(logits, via_parts, rtol=0, atol=0)
+    # the two images differ, so their logits must too (catches a head that ignores its input)
+    assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_cam_layer_outputs_the_feature_map(models, name):
+    model = models(name).eval()
+    layer = model.get_submodule(model.cam_layer)
+    seen = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            features = model.forward_features(_x())
+    finally:
+        handle.remove()
+    assert len(seen) == 1, f"{model.cam_layer} ran {len(seen)} times in one forward pass"
+    assert seen[0].ndim == 4 and seen[0].shape[-2:] == features.shape[-2:]
+    # the hooked output is exactly what forward_features returns: no in-place op changed it afterwards
+    torch.testing.assert_close(seen[0], features, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_backward_reaches_every_parameter(models, name):
+    model = models(name).train()
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(_x()), torch.tensor([0, 1]))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_channels_last_gives_same_logits(models, name):
+    model = models(name).eval()
+    x = _x()
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        try:
+            got = model(x.contiguous(memory_format=torch.channels_last))
+        finally:
+            model.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_save_load_round_trip(models, name, tmp_path):
+    model = models(name).eval()
+    card = ModelCard(
+        model_name=name,
+        model_args={"num_classes": 2, "in_chans": 1},
+        class_names=["normal", "pneumonia"],
+        input_size=64,
+        in_chans=1,
+        threshold=0.37,
+        metrics={"auroc": 0.91, "ece": float("nan")},
+        epoch=3,
+    )
+    weights_path, card_path = save_checkpoint(model, card, tmp_path / "run")
+    assert weights_path == tmp_path / "run" / "model.safetensors"
+    assert card_path == tmp_path / "run" / "model.card.json"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.card.json", "model.safetensors"]
+    assert len(card.weights_sha256) == 64 and card.model_id == f"{name}-{card.weights_sha256[:12]}"
+
+    on_disk = json.loads(card_path.read_text())
+    assert set(on_disk) == {f.name for f in dataclasses.fields(ModelCard)}
+    assert on_disk["metrics"] == {"auroc": 0.91, "ece": None}  # NaN is not JSON
+    assert on_disk["threshold"] == 0.37 and on_disk["created"]
+    assert {"medlens", "torch", "monai", "python"} <= set(on_disk["versions"])
+
+    torch.manual_seed(123)  # loaded weights must not depend on the fresh model's random init
+    loaded, loaded_card = load_checkpoint(tmp_path / "run")
+    assert not loaded.training
+    assert loaded_card == card
+    x = _x(seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    for path in (card_path, weights_path):  # the card or the weights file also identify the checkpoint
+        assert load_checkpoint(path)[1].model_id == card.model_id
+
+
+def test_model_args_travel_with_the_card(tmp_path):
+    model = create_model("seed_cnn", num_classes=3, widths=[8, 16], drop_rate=0.1).eval()
+    card = ModelCard("seed_cnn", {"num_classes": 3, "in_chans": 1, "widths": [8, 16], "drop_rate": 0.1},
+                     ["a", "b", "c"], input_size=32, in_chans=1)
+    save_checkpoint(model, card, tmp_path, stem="best")
+    loaded, _ = load_checkpoint(tmp_path / "best.card.json")
+    assert loaded.forward_features(_x(size=32)).shape == (2, 16, 8, 8)
+    assert loaded(_x(size=32)).shape == (2, 3)
+
+
+def test_options_change_the_model():
+    assert create_model("seed_cnn", num_classes=5)(_x()).shape == (2, 5)
+    assert create_model("resnet18", in_chans=3)(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    small = create_model("seed_cnn", widths=[8, 16, 32])
+    assert small.forward_features(_x()).shape == (2, 32, 8, 8)
+    assert create_model("seed_cnn", drop_rate=0.5).dropout.p == 0.5
+    assert create_model("efficientnet_b0", drop_rate=0.0).net._dropout.p == 0.0
+
+
+def test_monai_models_build_in_3d():
+    model = create_model("resnet18", spatial_dims=3).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(1, 1, 32, 32, 32))
+        assert model.forward_head(features).shape == (1, 2)
+    assert features.ndim == 5 and model.get_submodule(model.cam_layer) is model.net.layer4
+
+
+def test_unknown_model_lists_known_models():
+    with pytest.raises(ConfigError) as info:
+        create_model("resnet_18")
+    err = info.value
+    assert "unknown model 'resnet_18'" in err.message
+    assert "did you mean 'resnet18'" in err.hint
+    for name in EXPECTED:
+        assert name in err.hint
+    with pytest.raises(ConfigError):
+        model_info("no_such_model")
+
+
+def test_unknown_option_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        create_model("seed_cnn", width=[8, 16])
+    assert "'width'" in info.value.message and "widths=" in info.value.hint
+    with pytest.raises(ConfigError):
+        create_model("seed_cnn", num_classes=0)
+
+
+def test_model_info():
+    info = model_info("seed_cnn")
+    assert info["params"] == sum(p.numel() for p in create_model("seed_cnn").parameters())
+    assert info["default_input_size"] == 224
+    assert info["family"] == "cnn" and info["description"]
+    assert info["options"]["drop_rate"] == 0.3
+    assert model_info("densenet121")["family"] == "monai_nets"
+    assert 6_000_000 < model_info("densenet121")["params"] < 8_000_000
+
+
+def _saved(tmp_path):
+    model = create_model("seed_cnn", widths=[8, 16])
+    card = ModelCard("seed_cnn", {"widths": [8, 16]}, ["normal", "pneumonia"], input_size=32, in_chans=1)
+    return save_checkpoint(model, card, tmp_path)
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    weights_path, card_path = _saved(tmp_path)
+    weights_path.write_bytes(b"\x00garbage, not a safetensors file")
+    with pytest.raises(DataError, match="model.safetensors") as info:
+        load_checkpoint(tmp_path)
+    assert "sha256" in str(info.value)
+    # without a recorded checksum the damage is caught by the safetensors reader instead
+    card = json.loads(card_path.read_text())
+    card["weights_sha256"] = ""
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(DataError, match="cannot read weights .*model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_files_and_bad_cards(tmp_path):
+    with pytest.raises(DataError, match="no model card"):
+        load_checkpoint(tmp_path)
+    weights_path, card_path = _saved(tmp_path)
+    weights_path.unlink()
+    with pytest.raises(DataError, match="weights file not found"):
+        load_checkpoint(tmp_path)
+    card_path.write_text("{not json")
+    with pytest.raises(DataError, match="model.card.json"):
+        load_checkpoint(card_path)
+    card_path.write_text(json.dumps({"model_name": "seed_cnn"}))
+    with pytest.raises(DataError, match="missing required field"):
+        load_checkpoint(card_path)
+
+
+def test_weights_from_another_architecture_are_rejected(tmp_path):
+    _, card_path = _saved(tmp_path)
+    card = json.loads(card_path.read_text())
+    card["model_args"] = {"widths": [8, 32]}
+    card["weights_sha256"] = card["weights_sha256"]  # file untouched: the checksum still matches
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(DataError, match="do not fit model 'seed_cnn'"):
+        load_checkpoint(tmp_path)
+
+
+def test_card_validation():
+    card = ModelCard("seed_cnn", {"num_classes": 3}, ["normal", "pneumonia"], input_size=64, in_chans=1)
+    with pytest.raises(DataError, match="num_classes=3"):
+        card.validate()
+    with pytest.raises(DataError, match="intensity"):
+        dataclasses.replace(card, model_args={}, intensity="minmax").validate()
+
+
+def test_normalize_batch_per_image_zscore():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, generator=g)
+    x[1] = (x[1] // 4) + 100  # a low-contrast, bright image: normalised like any other
+    x[2] = 7  # a blank image: zeros, not NaN
+    out = normalize_batch(x, "per_image_zscore")
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    for i in (0, 1, 3):
+        assert abs(out[i].mean().item()) < 1e-5
+        assert abs(out[i].std(correction=0).item() - 1) < 1e-4
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    # uint8 and the same images already scaled to [0, 1] give the same result
+    torch.testing.assert_close(normalize_batch(x.float() / 255, "per_image_zscore"), out)
+    expected0 = (x[0].double() / 255 - (x[0].double() / 255).mean()) / (x[0].double() / 255).std(correction=0)
+    torch.testing.assert_close(out[0].double(), expected0, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_batch_other_modes():
+    x = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8)
+    torch.testing.assert_close(normalize_batch(x, "unit_range"), torch.tensor([[[[0.0, 1.0], [0.2, 0.4]]]]))
+    with pytest.raises(ConfigError, match="unknown intensity"):
+        normalize_batch(x, "imagenet")
+    with pytest.raises(TypeError):
+        normalize_batch(x.long(), "unit_range")
