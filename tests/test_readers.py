@@ -49,9 +49,26 @@ def _check_image(image: np.ndarray, shape: tuple[int, int]) -> None:
 # --------------------------------------------------------------------------- real DICOM files
 
 DICOMS = [  # file, shape, modality, photometric, bits, transfer syntax, window, patient id
-    ("RG1_J2KI.dcm", (1955, 1841), "CR", "MONOCHROME1", 15, "1.2.840.10008.1.2.4.91", (15000.0, 30000.0), "9RG1"),
-    (SIIM, (1024, 1024), "CR", "MONOCHROME2", 8, "1.2.840.10008.1.2.4.50", None,
-     "16d7f894-55d7-4d95-8957-d18987f0e981"),
+    (
+        "RG1_J2KI.dcm",
+        (1955, 1841),
+        "CR",
+        "MONOCHROME1",
+        15,
+        "1.2.840.10008.1.2.4.91",
+        (15000.0, 30000.0),
+        "9RG1",
+    ),
+    (
+        SIIM,
+        (1024, 1024),
+        "CR",
+        "MONOCHROME2",
+        8,
+        "1.2.840.10008.1.2.4.50",
+        None,
+        "16d7f894-55d7-4d95-8957-d18987f0e981",
+    ),
     ("CT_small.dcm", (128, 128), "CT", "MONOCHROME2", 16, "1.2.840.10008.1.2.1", None, "1CT1"),
     ("MR_small.dcm", (64, 64), "MR", "MONOCHROME2", 16, "1.2.840.10008.1.2.1", (600.0, 1600.0), "4MR1"),
 ]
@@ -75,7 +92,10 @@ def test_monochrome1_chest_is_shown_with_dark_lungs(shared):
     """RG1 is a PA chest: after MONOCHROME1 inversion the lungs must be darker than the mediastinum."""
     image, _ = read_image(shared / "dicom" / "RG1_J2KI.dcm")
     h, w = image.shape
-    lungs = [image[int(0.35 * h) : int(0.55 * h), int(a * w) : int(b * w)].mean() for a, b in ((0.2, 0.35), (0.65, 0.8))]
+    lungs = [
+        image[int(0.35 * h) : int(0.55 * h), int(a * w) : int(b * w)].mean()
+        for a, b in ((0.2, 0.35), (0.65, 0.8))
+    ]
     mediastinum = image[int(0.3 * h) : int(0.6 * h), int(0.45 * w) : int(0.55 * w)].mean()
     assert max(lungs) + 0.15 < mediastinum
 
@@ -162,7 +182,9 @@ def test_missing_decoder_names_the_transfer_syntax_and_the_package(shared, monke
     with pytest.raises(DataError) as err:
         read_image(shared / "dicom" / "RG1_J2KI.dcm")
     assert "RG1_J2KI.dcm" in err.value.message
-    assert "JPEG 2000 Image Compression" in err.value.message and "1.2.840.10008.1.2.4.91" in err.value.message
+    assert (
+        "JPEG 2000 Image Compression" in err.value.message and "1.2.840.10008.1.2.4.91" in err.value.message
+    )
     assert err.value.hint == "pip install pylibjpeg pylibjpeg-openjpeg"
 
 
@@ -199,7 +221,13 @@ PILLOW_CASES = [  # id, suffix, image factory, expected array, expected bits
     ("png-8bit", ".png", lambda: Image.fromarray(RAMP8), RAMP8 / 255, 8),
     ("bmp-8bit", ".bmp", lambda: Image.fromarray(RAMP8), RAMP8 / 255, 8),
     ("png-rgb-grey", ".png", lambda: _rgb(1, 1, 1), RAMP8 / 255, 8),
-    ("png-rgb-colour", ".png", lambda: _rgb(1, 0.5, 0), (0.299 * RAMP8 + 0.587 * (RAMP8 * 0.5).astype(np.uint8)) / 255, 8),
+    (
+        "png-rgb-colour",
+        ".png",
+        lambda: _rgb(1, 0.5, 0),
+        (0.299 * RAMP8 + 0.587 * (RAMP8 * 0.5).astype(np.uint8)) / 255,
+        8,
+    ),
     ("png-rgba", ".png", lambda: _rgb(1, 1, 1).convert("RGBA"), RAMP8 / 255, 8),
     ("png-la", ".png", lambda: Image.fromarray(RAMP8).convert("LA"), RAMP8 / 255, 8),
     ("png-palette", ".png", _palette_image, (255 - RAMP8 // 4) / 255, 8),
@@ -207,8 +235,9 @@ PILLOW_CASES = [  # id, suffix, image factory, expected array, expected bits
 ]
 
 
-@pytest.mark.parametrize(("suffix", "make", "expected", "bits"), [c[1:] for c in PILLOW_CASES],
-                         ids=[c[0] for c in PILLOW_CASES])
+@pytest.mark.parametrize(
+    ("suffix", "make", "expected", "bits"), [c[1:] for c in PILLOW_CASES], ids=[c[0] for c in PILLOW_CASES]
+)
 def test_pillow_modes(tmp_path, suffix, make, expected, bits):
     path = tmp_path / f"img{suffix}"
     make().save(path)
@@ -235,7 +264,9 @@ def test_nifti_middle_slice(tmp_path):
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
     image, meta = read_image(tmp_path / "vol.nii.gz")
     expected = np.flipud(volume[:, :, 4].T)
-    np.testing.assert_allclose(image, (expected - expected.min()) / (expected.max() - expected.min()), atol=1e-6)
+    np.testing.assert_allclose(
+        image, (expected - expected.min()) / (expected.max() - expected.min()), atol=1e-6
+    )
     assert meta["format"] == "nifti" and meta["shape"] == (30, 20) and "middle slice 4" in meta["note"]
 
 
@@ -253,7 +284,9 @@ def _truncated_jpeg(tmp_path: Path, shared: Path) -> Path:
 
 
 def _truncated_png(tmp_path: Path, _shared: Path) -> Path:
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / "f.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        tmp_path / "f.png"
+    )
     return _write(tmp_path, "cut.png", (tmp_path / "f.png").read_bytes()[:600])
 
 
@@ -263,15 +296,29 @@ BAD_INPUTS = [  # id, make(tmp_path, shared) -> path, expected problem text
     ("truncated-png", _truncated_png, "is truncated or corrupt"),
     ("text-as-png", lambda t, s: _write(t, "notes.png", b"patient list\nfoo,bar\n"), "is not an image: "),
     ("html-as-jpg", lambda t, s: _write(t, "page.jpg", b"<!DOCTYPE html><html>404</html>"), "an HTML page"),
-    ("lfs-pointer", lambda t, s: _write(t, "x.png", b"version https://git-lfs.github.com/spec/v1\n"), "Git LFS"),
+    (
+        "lfs-pointer",
+        lambda t, s: _write(t, "x.png", b"version https://git-lfs.github.com/spec/v1\n"),
+        "Git LFS",
+    ),
     ("unsupported", lambda t, s: _write(t, "scan.gif", b"GIF89a"), "unsupported file type '.gif'"),
     ("missing", lambda t, s: t / "nowhere.png", "does not exist"),
     ("directory", lambda t, s: (t / "dir.png").mkdir() or t / "dir.png", "is a directory"),
-    ("text-as-dcm", lambda t, s: _write(t, "text.dcm", b"hello, not a DICOM file\n" * 4), "is not a DICOM file"),
-    ("dicom-report", lambda t, s: Path(shutil.copy(get_testdata_file("reportsi.dcm"), t / "sr.dcm")),
-     "has no pixel data (PixelData element missing) — it may be a structured report or presentation state"),
-    ("dicom-truncated", lambda t, s: Path(shutil.copy(get_testdata_file("MR_truncated.dcm"), t / "mr.dcm")),
-     "pixel data cannot be decoded"),
+    (
+        "text-as-dcm",
+        lambda t, s: _write(t, "text.dcm", b"hello, not a DICOM file\n" * 4),
+        "is not a DICOM file",
+    ),
+    (
+        "dicom-report",
+        lambda t, s: Path(shutil.copy(get_testdata_file("reportsi.dcm"), t / "sr.dcm")),
+        "has no pixel data (PixelData element missing) — it may be a structured report or presentation state",
+    ),
+    (
+        "dicom-truncated",
+        lambda t, s: Path(shutil.copy(get_testdata_file("MR_truncated.dcm"), t / "mr.dcm")),
+        "pixel data cannot be decoded",
+    ),
 ]
 
 

@@ -112,6 +112,7 @@ def _batch_metrics(s: np.ndarray, y: np.ndarray, bins: np.ndarray, threshold: fl
     pos_at_or_above = np.cumsum(ys[:, ::-1], axis=1)[:, ::-1]
     precision_at = np.take_along_axis(pos_at_or_above, start, axis=1) / (n - start)
     pr_auc = _div((precision_at * ys).sum(axis=1), pos.astype(np.float64))
+    pr_auc[neg == 0] = np.nan  # trivially 1 without negatives: as meaningless as the AUC, so undefined too
 
     # ECE = sum over bins |sum(y) - sum(p)| / n (the count-weighted |accuracy - confidence| gap).
     flat = (bins + (np.arange(b) * n_bins)[:, None]).ravel()
@@ -136,7 +137,8 @@ def binary_metrics(y_true, y_prob, threshold: float, *, n_bins: int = 15) -> dic
     Returns a dict with ``auc`` (ROC AUC), ``pr_auc`` (average precision), ``accuracy``, ``sensitivity``,
     ``specificity``, ``ppv``, ``npv``, ``f1``, ``ece`` (``n_bins`` equal-width bins), ``brier`` and the counts
     ``n``, ``n_pos``, ``n_neg``, ``tp``, ``fp``, ``tn``, ``fn`` plus the ``threshold`` used. Plain Python
-    numbers (JSON-serialisable). Undefined values are NaN and raise an :class:`UndefinedMetricWarning`.
+    numbers (JSON-serialisable). Undefined values are NaN and raise an :class:`UndefinedMetricWarning`:
+    ``auc`` and ``pr_auc`` whenever one class is absent, ``ppv``/``npv`` with no predicted positives/negatives.
     """
     y, p = _check_inputs(y_true, y_prob)
     n = int(y.size)

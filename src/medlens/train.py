@@ -90,6 +90,24 @@ def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True):
     return table, split, loaded
 
 
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, augment: BatchAugment | None,
+               loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, intensity: str, amp: bool = True,
+               channels_last: bool = True) -> torch.Tensor:
+    """One optimisation step on a uint8 batch already on the device: augment, normalise, forward, backward."""
+    x = images.float().div_(255)
+    if augment is not None:
+        x = augment(x)
+    x = normalize_batch(x, intensity)
+    if x.device.type == "cuda" and channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, amp):
+        loss = loss_fn(model(x).float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def fit(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = False,
         progress: bool = True) -> ModelCard:
     run_dir = Path(run_dir)
@@ -189,15 +207,9 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
                                  disable=not progress, leave=False, unit="step")
         for step in bar:
             idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
-            x = augment(x_train[idx].float().div_(255))
-            x = normalize_batch(x, card.intensity)
-            if device.type == "cuda" and tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, tc.amp):
-                loss = loss_fn(step_model(x).float(), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(step_model, x_train[idx], y_train[idx], augment=augment, loss_fn=loss_fn,
+                              optimizer=optimizer, intensity=card.intensity, amp=tc.amp,
+                              channels_last=tc.channels_last)
             scheduler.step()
             running += loss.item() if step % 10 == 0 or step == steps_per_epoch - 1 else 0.0
             if step % 10 == 0:

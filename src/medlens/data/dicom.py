@@ -64,7 +64,11 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         "transfer_syntax_name": ts.name,
         "window": _window(ds),
     }
-    for key, keyword in (("patient_id", "PatientID"), ("modality", "Modality"), ("study_uid", "StudyInstanceUID")):
+    for key, keyword in (
+        ("patient_id", "PatientID"),
+        ("modality", "Modality"),
+        ("study_uid", "StudyInstanceUID"),
+    ):
         if ds.get(keyword):
             meta[key] = str(ds.get(keyword))
     if frames > 1:
@@ -73,8 +77,10 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         image = _to_display(raw, ds, photometric, meta)
     except (ValueError, IndexError, KeyError, TypeError) as exc:  # inconsistent LUT/window attributes
-        raise DataError(f"{name}: pixel values cannot be mapped to grey ({first_line(exc)})",
-                        hint="check the file's LUT / window attributes, or re-export it") from exc
+        raise DataError(
+            f"{name}: pixel values cannot be mapped to grey ({first_line(exc)})",
+            hint="check the file's LUT / window attributes, or re-export it",
+        ) from exc
     return image, meta
 
 
@@ -85,18 +91,24 @@ def _dcmread(name: str) -> pydicom.Dataset:
     except InvalidDicomError:
         pass
     except Exception as exc:  # noqa: BLE001 - truncated headers raise EOFError, struct.error, ...
-        raise DataError(f"{name}: is not a readable DICOM file ({first_line(exc)})",
-                        hint="the file is truncated or corrupt: re-export or re-download it") from exc
+        raise DataError(
+            f"{name}: is not a readable DICOM file ({first_line(exc)})",
+            hint="the file is truncated or corrupt: re-export or re-download it",
+        ) from exc
     try:
         with warnings.catch_warnings():  # forced parsing of a non-DICOM file warns about every junk element
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(name, force=True)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{name}: is not a DICOM file ({first_line(exc)})",
-                        hint="check the file's type, or rename it to its real extension") from exc
+        raise DataError(
+            f"{name}: is not a DICOM file ({first_line(exc)})",
+            hint="check the file's type, or rename it to its real extension",
+        ) from exc
     if "SOPClassUID" not in ds and not any(tag in ds for tag in PIXEL_TAGS):
-        raise DataError(f"{name}: is not a DICOM file (no 'DICM' marker at byte 128 and no DICOM elements)",
-                        hint="check the file's type, or rename it to its real extension")
+        raise DataError(
+            f"{name}: is not a DICOM file (no 'DICM' marker at byte 128 and no DICOM elements)",
+            hint="check the file's type, or rename it to its real extension",
+        )
     return ds
 
 
@@ -123,8 +135,10 @@ def _decode(ds: pydicom.Dataset, name: str, ts: UID) -> np.ndarray:
                 f"'{ts.name}' ({ts})",
                 hint=f"pip install {_decoder_packages(ts)}",
             ) from exc
-        raise DataError(f"{name}: pixel data cannot be decoded ({first_line(exc)})",
-                        hint="the file is truncated or corrupt: re-export or re-download it") from exc
+        raise DataError(
+            f"{name}: pixel data cannot be decoded ({first_line(exc)})",
+            hint="the file is truncated or corrupt: re-export or re-download it",
+        ) from exc
 
 
 def _decoder_available(ts: UID, exc: Exception) -> bool:

@@ -233,7 +233,9 @@ def _fetch(
         if _stream(url, part, offset, progress=progress, timeout=timeout, label=dest.name):
             break
     else:  # pragma: no cover - only a server that keeps sending inconsistent ranges gets here
-        raise DataError(f"download of {url} failed: the server keeps answering with inconsistent byte ranges.")
+        raise DataError(
+            f"download of {url} failed: the server keeps answering with inconsistent byte ranges."
+        )
 
     digests = _hash_file(part, algos)
     problem = _check(part, digests, sha256=sha256, md5=md5, size=size)
@@ -241,8 +243,9 @@ def _fetch(
         what, expected, got = problem
         part.unlink(missing_ok=True)
         source = f" ({expected_from})" if expected_from else ""
+        kind = "size" if what == "size" else "checksum"
         raise DataError(
-            f"checksum mismatch for {dest.name} downloaded from {url}: expected {what} {expected}{source}, "
+            f"{kind} mismatch for {dest.name} downloaded from {url}: expected {what} {expected}{source}, "
             f"got {got}. The bad file was deleted. Run the command again to download it afresh; if the "
             f"mismatch repeats, the file on the server has changed or something on the way alters it: "
             f"download it by hand, check it, and pass it (or its extracted folder) with --data."
@@ -272,6 +275,8 @@ def _stream(url: str, part: Path, offset: int, *, progress: bool, timeout: float
             raise _http_error(url, err, part) from None
     except (OSError, http.client.HTTPException) as err:  # URLError, refused, timeout, reset, bad status
         raise _network_error(url, part, err, timeout) from None
+    except ValueError as err:  # "unknown url type" and other malformed addresses
+        raise DataError(f"cannot download {url!r}: not a valid http(s) URL ({err}).") from None
 
     with response:
         status = response.status
@@ -285,7 +290,12 @@ def _stream(url: str, part: Path, offset: int, *, progress: bool, timeout: float
             mode = "ab"
         else:
             if offset:
-                log.info("%s ignored the resume request (HTTP %s); downloading %s from the start", url, status, label)
+                log.info(
+                    "%s ignored the resume request (HTTP %s); downloading %s from the start",
+                    url,
+                    status,
+                    label,
+                )
             offset, mode = 0, "wb"
         total = offset + remaining if remaining is not None else None
         received = 0
@@ -358,7 +368,9 @@ def _network_error(url: str, part: Path, err: BaseException, timeout: float) -> 
     reason = _describe_network_failure(err, timeout)
     kept = ""
     if part.is_file() and part.stat().st_size > 0:
-        kept = f" The partial download {part} ({_fmt_bytes(part.stat().st_size)}) is kept and will be resumed."
+        kept = (
+            f" The partial download {part} ({_fmt_bytes(part.stat().st_size)}) is kept and will be resumed."
+        )
     return NetworkError(
         f"could not download {url}: {reason}. Check the network connection (and any proxy: "
         f"HTTPS_PROXY) and run the command again.{kept}",
@@ -497,8 +509,14 @@ def _extract_zip(archive: Path, dest_dir: Path, progress: bool) -> None:
     with zipfile.ZipFile(archive) as zf:
         members = [(info, _safe_target(archive, root, info.filename)) for info in zf.infolist()]
         members = [(info, target) for info, target in members if not _skip_member(info.filename)]
-        with tqdm(total=len(members), unit="file", desc=f"extracting {archive.name}", file=sys.stderr,
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=len(members),
+            unit="file",
+            desc=f"extracting {archive.name}",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for info, target in members:
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
@@ -530,13 +548,21 @@ def _extract_tar(archive: Path, dest_dir: Path, progress: bool) -> None:
             if not _skip_member(member.name):
                 members.append(member)
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        with tqdm(total=len(members), unit="file", desc=f"extracting {archive.name}", file=sys.stderr,
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=len(members),
+            unit="file",
+            desc=f"extracting {archive.name}",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for member in members:
                 try:
                     tf.extract(member, dest_dir, **extra)
                 except _TAR_FILTER_ERROR as err:  # defence in depth: the stdlib filter disagrees
-                    raise _unsafe(archive, root, member.name, why=f"was refused by the tar filter ({err}) for") from None
+                    raise _unsafe(
+                        archive, root, member.name, why=f"was refused by the tar filter ({err}) for"
+                    ) from None
                 bar.update(1)
 
 
@@ -610,8 +636,9 @@ def _locate_root(folder: Path, markers: tuple[str, ...], max_depth: int = 3) -> 
             if all((d / m).is_dir() for m in markers):
                 return d
             with contextlib.suppress(OSError):
-                nxt.extend(sorted(c for c in d.iterdir()
-                                  if c.is_dir() and not c.name.startswith((".", "__MACOSX"))))
+                nxt.extend(
+                    sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith((".", "__MACOSX")))
+                )
         level = nxt
     return None
 
@@ -652,17 +679,32 @@ def download_dataset(
     if trust_on_first_use:
         if rec := _recorded(spec, cache):
             sha256, size = rec["sha256"], rec.get("size") or size
-            source = (f"recorded in {cache / CHECKSUMS_FILE} at the first download, as no official checksum "
-                      f"is published; if the file was really updated upstream, delete that entry")
+            source = (
+                f"recorded in {cache / CHECKSUMS_FILE} at the first download, as no official checksum "
+                f"is published; if the file was really updated upstream, delete that entry"
+            )
         else:
             want = ("sha256",)
     target = _download_target(spec, cache)
-    path, digests = _fetch(spec.url, target, sha256=sha256, md5=spec.md5, size=size, progress=progress,
-                           timeout=timeout, want=want, expected_from=source)
+    path, digests = _fetch(
+        spec.url,
+        target,
+        sha256=sha256,
+        md5=spec.md5,
+        size=size,
+        progress=progress,
+        timeout=timeout,
+        want=want,
+        expected_from=source,
+    )
     if trust_on_first_use and sha256 is None:
         _record_checksum(spec, cache, digests["sha256"], path.stat().st_size)
-        log.info("recorded sha256 %s for %s in %s (trust on first use)", digests["sha256"], spec.filename,
-                 cache / CHECKSUMS_FILE)
+        log.info(
+            "recorded sha256 %s for %s in %s (trust on first use)",
+            digests["sha256"],
+            spec.filename,
+            cache / CHECKSUMS_FILE,
+        )
     if not spec.extract:
         return path
     folder = extract(path, cache / spec.name, progress=progress)
@@ -711,7 +753,11 @@ def _warn_if_not_registered_file(spec: DatasetSpec, path: Path) -> None:
     if _check(path, digests, sha256=spec.sha256, md5=spec.md5, size=None) is not None:
         log.warning(
             "%s is not the official %s (%s differs from the published checksum); using it as given, but "
-            "results may not be comparable with published ones", path, spec.filename, algos[0])
+            "results may not be comparable with published ones",
+            path,
+            spec.filename,
+            algos[0],
+        )
 
 
 def _candidates_in_root(spec: DatasetSpec, root: Path) -> list[Path]:
@@ -800,6 +846,8 @@ def resolve_dataset(
                 log.info("using %s from %s (%s)", name, cand, label)
                 return _materialise(spec, cand)
         looked.append(str(root / spec.name))
+        if label.startswith("MEDLENS_DATA="):
+            log.warning("%s is set but holds no %s; looking elsewhere", label, name)
 
     cache = _cache_root(cache_dir)
     if (hit := cached_dataset(spec, cache)) is not None:
@@ -824,6 +872,6 @@ def _not_found(spec: DatasetSpec, cache: Path, why: str, looked: list[str]) -> D
     return DataError(
         f"{name} not found and it cannot be downloaded ({why}). Either pass --data /path/to/{what}{layout}, "
         f"set MEDLENS_DATA=/path/containing/{what}, or run `medlens data fetch {name}` on a machine with "
-        f"internet and copy ~/.cache/medlens/{name} to {cache / name} here.",
+        f"internet and copy ~/.cache/medlens/{name} to {cache / name} on this machine.",
         hint="looked in " + ", ".join(looked) if looked else None,
     )

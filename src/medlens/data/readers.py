@@ -23,7 +23,11 @@ PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 NIFTI_SUFFIXES = frozenset({".nii", ".nii.gz"})
 HAS_NIBABEL = importlib.util.find_spec("nibabel") is not None
-IMAGE_SUFFIXES: frozenset[str] = PILLOW_SUFFIXES | DICOM_SUFFIXES | (NIFTI_SUFFIXES if HAS_NIBABEL else frozenset())
+# Part of the decoded-image cache key (data.cache): bump it whenever read_image can return different pixels.
+READER_VERSION = "r1"
+IMAGE_SUFFIXES: frozenset[str] = (
+    PILLOW_SUFFIXES | DICOM_SUFFIXES | (NIFTI_SUFFIXES if HAS_NIBABEL else frozenset())
+)
 
 
 def _suffix(path: Path) -> str:
@@ -68,21 +72,32 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         return _read_pillow(p)
     if suffix in NIFTI_SUFFIXES:
         if not HAS_NIBABEL:
-            raise DataError(f"{p}: NIfTI files need nibabel, which is not installed",
-                            hint="pip install nibabel  (or: pip install 'medlens[nifti]')")
+            raise DataError(
+                f"{p}: NIfTI files need nibabel, which is not installed",
+                hint="pip install nibabel  (or: pip install 'medlens[nifti]')",
+            )
         return _read_nifti(p)
-    raise DataError(f"{p}: unsupported file type '{suffix or '(no suffix)'}'",
-                    hint=f"medlens reads {' '.join(sorted(IMAGE_SUFFIXES))}; convert the image to PNG")
+    raise DataError(
+        f"{p}: unsupported file type '{suffix or '(no suffix)'}'",
+        hint=f"medlens reads {' '.join(sorted(IMAGE_SUFFIXES))}; convert the image to PNG",
+    )
 
 
 def _check_file(p: Path) -> None:
     """The file-system problems, told apart: these are the commonest mistakes and the easiest to fix."""
     if not p.exists():
-        raise DataError(f"{p}: file does not exist", hint="check the path (relative paths are from the current folder)")
+        raise DataError(
+            f"{p}: file does not exist", hint="check the path (relative paths are from the current folder)"
+        )
     if not p.is_file():
-        raise DataError(f"{p}: is a directory, not an image file", hint="pass an image file, or use the folder as a data set")
+        raise DataError(
+            f"{p}: is a directory, not an image file",
+            hint="pass an image file, or use the folder as a data set",
+        )
     if p.stat().st_size == 0:
         raise DataError(f"{p}: is empty (0 bytes)", hint="the copy or download failed: fetch the file again")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"{p}: cannot be read (permission denied)", hint="check the file's permissions")
 
 
 def _describe(head: bytes) -> str:
@@ -107,11 +122,15 @@ def _read_pillow(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     except UnidentifiedImageError as exc:
         with p.open("rb") as fh:
             head = fh.read(64)
-        raise DataError(f"{p}: is not an image: {_describe(head)}",
-                        hint="check the file; rename it to its real extension if it is another format") from exc
+        raise DataError(
+            f"{p}: is not an image: {_describe(head)}",
+            hint="check the file; rename it to its real extension if it is another format",
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, struct.error ...
-        raise DataError(f"{p}: is truncated or corrupt ({first_line(exc)})",
-                        hint="re-export or re-download the file; medlens does not read partial images") from exc
+        raise DataError(
+            f"{p}: is truncated or corrupt ({first_line(exc)})",
+            hint="re-export or re-download the file; medlens does not read partial images",
+        ) from exc
     meta: dict[str, Any] = {"format": "jpeg" if fmt == "mpo" else fmt, "shape": image.shape, "bits": bits}
     if frames > 1:
         meta["frames"] = frames
@@ -161,8 +180,9 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
         img = nib.load(str(p))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad file
-        raise DataError(f"{p}: is not a readable NIfTI file ({first_line(exc)})",
-                        hint="re-export or re-download the file") from exc
+        raise DataError(
+            f"{p}: is not a readable NIfTI file ({first_line(exc)})", hint="re-export or re-download the file"
+        ) from exc
     meta: dict[str, Any] = {"format": "nifti", "bits": int(img.header.get("bitpix", 0))}
     while data.ndim > 3:  # 4-D (time / channels): first volume
         data = data[..., 0]
@@ -171,8 +191,10 @@ def _read_nifti(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
         meta["note"] = f"3-D volume {data.shape}: middle slice {k} of {data.shape[2]} was read"
         data = data[:, :, k]
     if data.ndim != 2:
-        raise DataError(f"{p}: NIfTI data has shape {data.shape}; expected a 2-D or 3-D image",
-                        hint="export a 2-D slice as PNG")
+        raise DataError(
+            f"{p}: NIfTI data has shape {data.shape}; expected a 2-D or 3-D image",
+            hint="export a 2-D slice as PNG",
+        )
     slice_ = np.flipud(data.T)  # voxel (x, y) -> rows top-to-bottom, columns left-to-right
     lo, hi = float(np.nanmin(slice_)), float(np.nanmax(slice_))
     image = np.nan_to_num((slice_ - lo) / (hi - lo) if hi > lo else np.zeros_like(slice_))

@@ -1,0 +1,384 @@
+"""Decode once, reuse forever: the decoded-tensor cache, and ``preprocess``, the one resize for every stage.
+
+``preprocess(image, size)`` turns a decoded image (``read_image``'s float32 HxW in [0, 1]) into the uint8
+``size x size`` array the network sees. Training, evaluation, prediction and serving all go through it, so a
+model never sees pixels prepared differently from the ones it was trained on.
+
+``TensorCache`` stores preprocessed images on disk, keyed by the **content** of the file (sha256 of its
+bytes) and the preprocessing key (size, ``PREPROCESS_VERSION``, the reader's version). Renaming, moving or
+touching a file costs nothing; changing a pixel, the size or the preprocessing decodes again.
+
+Layout::
+
+    <root>/<prepkey>/pack-<id>.npy    uint8 (n, size, size)
+    <root>/<prepkey>/pack-<id>.json   {"format": 1, "prep": prepkey, "n": n, "hashes": [sha256, ...]}
+
+A pack is written atomically (temporary file + ``os.replace``; the ``.json`` last), so a pack whose ``.json``
+exists is complete and an interrupted run leaves nothing half-written behind (only stray ``.tmp`` files).
+Each load that decodes something adds packs; packs are never modified, so several processes can share one
+cache. MedMNIST ``.npz`` items are keyed by the sha256 of the ``.npz`` file, the split and the index.
+
+The default root is ``$MEDLENS_CACHE/tensors``, else ``~/.cache/medlens/tensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from medlens.data import readers as _readers
+from medlens.data.sources import SampleTable, parse_npz_item
+from medlens.errors import DataError
+
+# Bump when preprocess() changes what it outputs: old cache entries are then ignored, not reused.
+PREPROCESS_VERSION = "pp1"
+PACK_FORMAT = 1
+_PACK_ROWS = 2048  # decoded images per pack: an interrupted run keeps what it finished
+_PARALLEL_MIN = 64  # fewer images than this are decoded in this process
+
+
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """A decoded image (float HxW in [0, 1], or uint8) -> uint8 ``(size, size)``. THE network preprocessing.
+
+    The image is squashed to a square (the aspect ratio is not kept, nothing is cropped or padded: a
+    radiograph's edges hold anatomy, and the Kermany train/test images were already squashed to 224x224 by
+    their uploader, so a pad would treat them differently from the originals). Resizing is Pillow's
+    bilinear filter on the float image; Pillow widens the filter when shrinking, so downscaling is
+    antialiased (no aliasing of rib edges and text). The result is rounded to uint8 (0..255 for 0..1).
+    """
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        arr = arr[..., :3].mean(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"preprocess expects a 2-D grey image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        if arr.shape == (size, size):
+            return np.ascontiguousarray(arr)
+        arr = arr.astype(np.float32) / 255.0
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.shape != (size, size):
+        resized = Image.fromarray(arr, mode="F").resize((size, size), Image.BILINEAR)
+        arr = np.asarray(resized, dtype=np.float32)
+    out = np.clip(np.rint(arr * 255.0), 0, 255)
+    return out.astype(np.uint8)
+
+
+def preprocess_key(size: int) -> str:
+    """Directory name of the cache entries made with this preprocessing (and this reader)."""
+    reader = getattr(_readers, "READER_VERSION", "r1")
+    return f"s{int(size)}-{PREPROCESS_VERSION}-{reader}"
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("MEDLENS_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "medlens"
+    return base / "tensors"
+
+
+@dataclass
+class CachedImages:
+    """The preprocessed images of the readable requested items.
+
+    ``images[k]`` is item ``keep[k]`` of the table; ``skipped`` lists the items that could not be read.
+    """
+
+    images: Any  # torch.uint8 (n, 1, size, size)
+    keep: np.ndarray  # int64 indices into the table, in the requested order
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    hashes: list[str] = field(default_factory=list)  # content key of each kept image (equal = same pixels)
+    n_decoded: int = 0  # images decoded by this load (0 when everything was cached)
+    n_cached: int = 0  # images found in the cache
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+
+def _decode_file(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """Worker: read + preprocess one file. Errors come back as text (they must cross a process boundary)."""
+    try:
+        image, _ = _readers.read_image(path)
+        return preprocess(image, size), None
+    except DataError as e:
+        reason = e.message
+    except Exception as e:  # noqa: BLE001 - a reader bug must not kill a 100k-image decode
+        reason = f"{type(e).__name__}: {e}"
+    prefix = f"{path}: "
+    return None, reason[len(prefix):] if reason.startswith(prefix) else reason
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> list[tuple[np.ndarray | None, str | None]]:
+    paths, size = args
+    return [_decode_file(p, size) for p in paths]
+
+
+def _hash_file(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
+                hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+class TensorCache:
+    """On-disk cache of preprocessed images, keyed by file content + preprocessing (see module doc)."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        # per prepkey: content hash -> (pack name, row); pack names already read
+        self._index: dict[str, dict[str, tuple[str, int]]] = {}
+        self._seen_packs: dict[str, set[str]] = {}
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._npz_hashes: dict[tuple[str, int, int], str] = {}
+
+    # -- index ------------------------------------------------------------------------------------
+    def _refresh(self, prep: str) -> dict[str, tuple[str, int]]:
+        """Read the .json of packs not seen yet (written by this or another process)."""
+        index = self._index.setdefault(prep, {})
+        seen = self._seen_packs.setdefault(prep, set())
+        folder = self.root / prep
+        if not folder.is_dir():
+            return index
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name = entry.name
+            if not name.endswith(".json") or name in seen:
+                continue
+            try:
+                with open(entry.path, encoding="utf-8") as fh:
+                    info = json.load(fh)
+                hashes = info["hashes"]
+                if info.get("format") != PACK_FORMAT or not (folder / (name[:-5] + ".npy")).is_file():
+                    continue
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a damaged pack is ignored: its images are simply decoded again
+            seen.add(name)
+            pack = name[:-5]
+            for row, h in enumerate(hashes):
+                index.setdefault(h, (pack, row))
+        return index
+
+    def _array(self, prep: str, pack: str) -> np.ndarray:
+        key = (prep, pack)
+        if key not in self._arrays:
+            self._arrays[key] = np.load(self.root / prep / f"{pack}.npy", mmap_mode="r")
+        return self._arrays[key]
+
+    def _write_pack(self, prep: str, hashes: list[str], images: list[np.ndarray], size: int,
+                    name: str | None = None) -> None:
+        folder = self.root / prep
+        folder.mkdir(parents=True, exist_ok=True)
+        if name is None:
+            name = "pack-" + hashlib.sha256("".join(hashes).encode()).hexdigest()[:24]
+        arr = np.stack(images).astype(np.uint8) if images else np.zeros((0, size, size), np.uint8)
+        tag = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        npy, js = folder / f"{name}.npy", folder / f"{name}.json"
+        try:
+            with open(str(npy) + tag, "wb") as fh:
+                np.save(fh, arr)
+            os.replace(str(npy) + tag, npy)
+            with open(str(js) + tag, "w", encoding="utf-8") as fh:
+                json.dump({"format": PACK_FORMAT, "prep": prep, "n": len(hashes), "hashes": hashes}, fh)
+            os.replace(str(js) + tag, js)
+        except OSError as e:
+            for leftover in (str(npy) + tag, str(js) + tag):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            raise DataError(f"cannot write to the tensor cache {folder}: {e.strerror or e}",
+                            hint="free disk space, or set MEDLENS_CACHE to a writable folder") from None
+
+    # -- npz ----------------------------------------------------------------------------------------
+    def _npz_hash(self, path: str) -> str:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self._npz_hashes:
+            h = _hash_file(path)
+            if h is None:
+                raise DataError(f"cannot read {path}")
+            self._npz_hashes[key] = h
+        return self._npz_hashes[key]
+
+    def _ensure_npz(self, prep: str, size: int, npz_path: str, split: str, index: dict) -> str:
+        """Make sure the whole split of an npz is cached (one pack); return the key prefix of its rows."""
+        prefix = f"npz:{self._npz_hash(npz_path)}:{split}:"
+        if prefix + "0" in index:
+            return prefix
+        with np.load(npz_path, allow_pickle=False) as npz:
+            images = np.asarray(npz[f"{split}_images"])
+        if len(images) == 0:
+            return prefix
+        rows = [preprocess(im, size) for im in images]
+        hashes = [f"{prefix}{i}" for i in range(len(rows))]
+        name = "npz-" + hashlib.sha256(prefix.encode()).hexdigest()[:24]
+        self._write_pack(prep, hashes, rows, size, name=name)
+        self._refresh(prep)
+        return prefix
+
+    # -- load ---------------------------------------------------------------------------------------
+    def load(
+        self,
+        table: SampleTable,
+        indices=None,
+        size: int = 224,
+        *,
+        strict: bool = False,
+        progress: bool = True,
+        workers: int | None = None,
+    ) -> CachedImages:
+        """The preprocessed images of ``table`` rows ``indices`` (all rows if None), decoding only new ones.
+
+        Files that cannot be read are left out and listed in ``skipped`` (the caller reports them), or
+        with ``strict=True`` raise DataError listing them. ``workers``: decoding processes (default: the
+        CPU count; 0 or 1 decodes in this process).
+        """
+        import torch
+
+        idx = np.arange(len(table), dtype=np.int64) if indices is None else \
+            np.asarray(indices, dtype=np.int64).ravel()
+        prep = preprocess_key(size)
+        index = self._refresh(prep)
+
+        keys: list[str | None] = [None] * len(idx)
+        skipped: list[tuple[int, str, str]] = []  # (position, item, reason)
+        npz_done: dict[tuple[str, str], str] = {}
+        file_pos: list[int] = []
+        for pos, i in enumerate(idx):
+            item = table.items[int(i)]
+            parsed = parse_npz_item(item) if table.kind == "npz" or "::" in item else None
+            if parsed is not None:
+                npz_path, split, k = parsed
+                if (npz_path, split) not in npz_done:
+                    npz_done[(npz_path, split)] = self._ensure_npz(prep, size, npz_path, split, index)
+                keys[pos] = f"{npz_done[(npz_path, split)]}{k}"
+                if keys[pos] not in index:
+                    skipped.append((pos, item, f"no image {k} in the {split} split"))
+                    keys[pos] = None
+            else:
+                file_pos.append(pos)
+        n_cached = sum(1 for k in keys if k is not None)  # npz rows (their packs are made above)
+
+        # content hashes of the files (reading bytes is cheap next to decoding them)
+        paths = [table.items[int(idx[pos])] for pos in file_pos]
+        hashes = _hash_many(paths)
+        missing: dict[str, str] = {}  # hash -> a path with that content, to decode
+        for pos, path, h in zip(file_pos, paths, hashes):
+            if h is None:
+                skipped.append((pos, path, "file cannot be opened (missing or no permission)"))
+                continue
+            keys[pos] = h
+            if h in index:
+                n_cached += 1
+            elif h not in missing:
+                missing[h] = path
+
+        failed = self._decode_missing(prep, size, missing, progress, workers)
+        index = self._refresh(prep)
+        for pos, path, h in zip(file_pos, paths, hashes):
+            if h is not None and h in failed:
+                skipped.append((pos, path, failed[h]))
+                keys[pos] = None
+
+        skipped.sort()
+        if skipped and strict:
+            listed = "; ".join(f"{item} ({reason})" for _, item, reason in skipped[:5])
+            more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+            raise DataError(
+                f"{len(skipped)} of {len(idx)} images cannot be read: {listed}{more}",
+                hint="remove or replace the files, or run without strict to skip them",
+            )
+
+        kept_pos = [pos for pos in range(len(idx)) if keys[pos] is not None]
+        out = np.empty((len(kept_pos), 1, size, size), dtype=np.uint8)
+        by_pack: dict[str, list[tuple[int, int]]] = {}
+        for j, pos in enumerate(kept_pos):
+            pack, row = index[keys[pos]]
+            by_pack.setdefault(pack, []).append((row, j))
+        for pack, pairs in by_pack.items():
+            pairs.sort()
+            rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
+            dest = np.fromiter((j for _, j in pairs), dtype=np.int64, count=len(pairs))
+            arr = self._array(prep, pack)
+            if len(rows) > len(arr) // 2:
+                out[dest, 0] = np.asarray(arr)[rows]  # most of the pack: one sequential read
+            else:
+                out[dest, 0] = arr[rows]
+        return CachedImages(
+            images=torch.from_numpy(out),
+            keep=idx[kept_pos] if kept_pos else np.zeros(0, np.int64),
+            skipped=[(item, reason) for _, item, reason in skipped],
+            hashes=[keys[pos] for pos in kept_pos],
+            n_decoded=len(missing) - len(failed),
+            n_cached=n_cached,
+        )
+
+    def _decode_missing(self, prep: str, size: int, missing: dict[str, str], progress: bool,
+                        workers: int | None) -> dict[str, str]:
+        """Decode the files not in the cache, write them as packs; return {hash: reason} of failures."""
+        if not missing:
+            return {}
+        from tqdm.auto import tqdm
+
+        items = list(missing.items())
+        n_workers = (os.cpu_count() or 1) if workers is None else int(workers)
+        n_workers = max(1, min(n_workers, len(items) // 16 or 1))
+        failed: dict[str, str] = {}
+        done_h: list[str] = []
+        done_im: list[np.ndarray] = []
+
+        def flush(force: bool) -> None:
+            while len(done_h) >= _PACK_ROWS or (force and done_h):
+                k = min(len(done_h), _PACK_ROWS)
+                self._write_pack(prep, done_h[:k], done_im[:k], size)
+                del done_h[:k], done_im[:k]
+
+        bar = tqdm(total=len(items), desc=f"decoding {len(items)} images", unit="img",
+                   disable=not progress, leave=False)
+        try:
+            if n_workers <= 1 or len(items) < _PARALLEL_MIN:
+                for h, path in items:
+                    image, error = _decode_file(path, size)
+                    self._collect(h, image, error, done_h, done_im, failed)
+                    bar.update(1)
+                    flush(False)
+            else:
+                chunk = max(8, min(128, len(items) // (n_workers * 8) or 8))
+                batches = [items[k:k + chunk] for k in range(0, len(items), chunk)]
+                with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                    results = pool.map(_decode_chunk, [([p for _, p in b], size) for b in batches])
+                    for batch, res in zip(batches, results):
+                        for (h, _), (image, error) in zip(batch, res):
+                            self._collect(h, image, error, done_h, done_im, failed)
+                        bar.update(len(batch))
+                        flush(False)
+        finally:
+            bar.close()
+            flush(True)  # keep what was decoded, even when interrupted
+        return failed
+
+    @staticmethod
+    def _collect(h, image, error, done_h, done_im, failed) -> None:
+        if image is None:
+            failed[h] = error or "cannot be read"
+        else:
+            done_h.append(h)
+            done_im.append(image)
+
+
+def _hash_many(paths: list[str]) -> list[str | None]:
+    """sha256 of each file; threads overlap the reads (hashlib releases the GIL on large buffers)."""
+    if len(paths) < 256:
+        return [_hash_file(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as ex:
+        return list(ex.map(_hash_file, paths, chunksize=64))
