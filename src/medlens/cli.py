@@ -49,9 +49,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _resolve_data(args.data)
     run = Path(args.out)
     if args.resume and (run / "config.yaml").exists():
+        from medlens.config import apply_overrides
         from medlens.evaluate import run_config
 
-        cfg = run_config(run)
+        cfg = apply_overrides(run_config(run), args.set)
     else:
         cfg = load_config(args.recipe if args.recipe != "auto" else _auto_recipe(str(data)), args.set)
     if args.strict:
@@ -190,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="medlens: %(message)s")
+    # Warnings (skipped files, leakage) always reach the terminal; progress details with -v.
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("medlens: %(message)s"))
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logger = logging.getLogger("medlens")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(console)
     try:
         return args.func(args)
     except MedlensError as exc:
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medlens: internal error: {type(exc).__name__}: {exc}\n  the full traceback is in {path}; "
               "please report it", file=sys.stderr)
         return 1
+    finally:
+        logger.removeHandler(console)
 
 
 if __name__ == "__main__":

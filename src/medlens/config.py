@@ -179,16 +179,22 @@ def load_config(recipe: str = "default", overrides: list[str] | None = None) -> 
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe '{name}' is not valid YAML: {exc}") from None
     _merge(cfg, values, "")
-    for item in overrides or []:
+    apply_overrides(cfg, overrides or [])
+    cfg.recipe = name
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` overrides in place (``train.epochs=5``, ``model.args.dropout=0.2``)."""
+    for item in overrides:
         keys, value = parse_override(item)
-        nested: Any = value
-        for k in reversed(keys[1:]):
-            nested = {k: nested}
         if tuple(keys[:2]) in _FREE_FORM and len(keys) > 2:
             cfg.model.args[".".join(keys[2:])] = value
             continue
+        nested: Any = value
+        for k in reversed(keys[1:]):
+            nested = {k: nested}
         _merge(cfg, {keys[0]: nested}, "")
-    cfg.recipe = name
     return cfg
 
 

@@ -11,6 +11,7 @@ a cast, one batched augmentation and the network: no DataLoader workers and no J
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 import medlens
@@ -30,7 +32,7 @@ from medlens.data.augment import BatchAugment
 from medlens.data.cache import TensorCache
 from medlens.data.sources import discover
 from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
-from medlens.errors import ConfigError, DataError
+from medlens.errors import DataError
 from medlens.inference import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
 from medlens.metrics import binary_metrics, choose_threshold
@@ -66,7 +68,7 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(binary_metrics(y, p, 0.5)["auc"])
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
 def versions() -> dict[str, str]:
@@ -129,6 +131,10 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     if device.type == "cpu":
         # Same seed, same machine -> identical metrics; CPU kernels are deterministic once this is on.
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # Fail on a wrong model name or option now, not after minutes of decoding (meta device: no allocation).
+    with torch.device("meta"):
+        create_model(cfg.model.name, num_classes=2, in_chans=1, **cfg.model.args)
+    make_loss(tc.imbalance, torch.ones(2))
     cfg.save(run_dir / "config.yaml")
 
     table, split, loaded = load_split_data(cfg, data, progress=progress)
@@ -137,7 +143,9 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     skipped = [s for part in loaded.values() for s in part.skipped]
     if skipped:
         (run_dir / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
-        log.warning("skipped %d unreadable images (listed in %s)", len(skipped), run_dir / "skipped.txt")
+        names = "; ".join(f"{p} ({why})" for p, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        log.warning("skipped %d unreadable image(s): %s. Full list: %s (use --strict to stop instead)",
+                    len(skipped), names, run_dir / "skipped.txt")
 
     x_train = loaded["train"].images.to(device)
     y_train = torch.from_numpy(table.labels[loaded["train"].keep]).to(device)
@@ -151,10 +159,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     log.info("data %s: train %d %s, val %d, classes %s, device %s", data, n, counts.tolist(), len(x_val),
              classes, device)
 
-    try:
-        model = create_model(cfg.model.name, num_classes=len(classes), in_chans=1, **cfg.model.args)
-    except TypeError as exc:
-        raise ConfigError(f"model '{cfg.model.name}' does not take these arguments: {cfg.model.args} ({exc})") from None
+    model = create_model(cfg.model.name, num_classes=len(classes), in_chans=1, **cfg.model.args)
     model.to(device)
     if device.type == "cuda" and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -187,11 +192,16 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         scheduler.load_state_dict(ckpt["scheduler"])
         order_gen.set_state(ckpt["order_gen"])
         aug_gen.set_state(ckpt["aug_gen"].to(aug_gen.get_state().device))
+        torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         state = ckpt["state"]
         best_weights = ckpt["best_weights"]
         log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
 
-    metrics_file = (run_dir / "metrics.jsonl").open("a" if resume else "w")
+    # Rewritten from the checkpoint's history, so epochs after the last checkpoint are not listed twice.
+    metrics_file = (run_dir / "metrics.jsonl").open("w")
+    metrics_file.writelines(json.dumps(r) + "\n" for r in state["history"])
     start = state["epoch"]
     for epoch in range(start, tc.epochs):
         if state["bad_epochs"] >= tc.early_stopping_patience:
@@ -237,7 +247,9 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
             tqdm.write(msg)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "order_gen": order_gen.get_state(),
-                    "aug_gen": aug_gen.get_state(), "state": state, "best_weights": best_weights},
+                    "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "state": state, "best_weights": best_weights},
                    resume_path.with_suffix(".tmp"))
         resume_path.with_suffix(".tmp").replace(resume_path)
     metrics_file.close()
@@ -257,9 +269,11 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model.cpu()
     save_checkpoint(model, card, run_dir)
-    val_rows = ["path,label,probability"] + [
-        f"{table.items[i]},{int(y)},{p:.6f}" for i, y, p in zip(loaded["val"].keep, y_val, p_val, strict=True)]
-    (run_dir / "val_predictions.csv").write_text("\n".join(val_rows) + "\n")
+    with (run_dir / "val_predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "probability"])
+        writer.writerows([table.items[i], int(y), f"{p:.6f}"] for i, y, p in zip(loaded["val"].keep, y_val, p_val,
+                                                                                    strict=True))
     log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch, state["best_auc"], threshold,
              card.threshold_policy)
     return card

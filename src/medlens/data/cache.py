@@ -171,7 +171,12 @@ class TensorCache:
     def _array(self, prep: str, pack: str) -> np.ndarray:
         key = (prep, pack)
         if key not in self._arrays:
-            self._arrays[key] = np.load(self.root / prep / f"{pack}.npy", mmap_mode="r")
+            path = self.root / prep / f"{pack}.npy"
+            try:
+                self._arrays[key] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"tensor cache file {path} cannot be read: {e}",
+                                hint=f"delete the folder {self.root / prep} and run again") from None
         return self._arrays[key]
 
     def _write_pack(self, prep: str, hashes: list[str], images: list[np.ndarray], size: int,
@@ -271,7 +276,7 @@ class TensorCache:
         paths = [table.items[int(idx[pos])] for pos in file_pos]
         hashes = _hash_many(paths)
         missing: dict[str, str] = {}  # hash -> a path with that content, to decode
-        for pos, path, h in zip(file_pos, paths, hashes):
+        for pos, path, h in zip(file_pos, paths, hashes, strict=True):
             if h is None:
                 skipped.append((pos, path, "file cannot be opened (missing or no permission)"))
                 continue
@@ -283,7 +288,7 @@ class TensorCache:
 
         failed = self._decode_missing(prep, size, missing, progress, workers)
         index = self._refresh(prep)
-        for pos, path, h in zip(file_pos, paths, hashes):
+        for pos, path, h in zip(file_pos, paths, hashes, strict=True):
             if h is not None and h in failed:
                 skipped.append((pos, path, failed[h]))
                 keys[pos] = None
@@ -307,11 +312,7 @@ class TensorCache:
             pairs.sort()
             rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
             dest = np.fromiter((j for _, j in pairs), dtype=np.int64, count=len(pairs))
-            arr = self._array(prep, pack)
-            if len(rows) > len(arr) // 2:
-                out[dest, 0] = np.asarray(arr)[rows]  # most of the pack: one sequential read
-            else:
-                out[dest, 0] = arr[rows]
+            out[dest, 0] = self._array(prep, pack)[rows]  # sorted rows: a forward read of the memmap
         return CachedImages(
             images=torch.from_numpy(out),
             keep=idx[kept_pos] if kept_pos else np.zeros(0, np.int64),
@@ -355,8 +356,8 @@ class TensorCache:
                 batches = [items[k:k + chunk] for k in range(0, len(items), chunk)]
                 with ProcessPoolExecutor(max_workers=n_workers) as pool:
                     results = pool.map(_decode_chunk, [([p for _, p in b], size) for b in batches])
-                    for batch, res in zip(batches, results):
-                        for (h, _), (image, error) in zip(batch, res):
+                    for batch, res in zip(batches, results, strict=True):
+                        for (h, _), (image, error) in zip(batch, res, strict=True):
                             self._collect(h, image, error, done_h, done_im, failed)
                         bar.update(len(batch))
                         flush(False)

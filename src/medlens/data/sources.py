@@ -74,7 +74,7 @@ _MEDMNIST_CLASSES = {
 _NPZ_KEYS = [f"{s}_{k}" for s in SPLIT_NAMES for k in ("images", "labels")]
 
 
-@dataclass
+@dataclass(eq=False)
 class SampleTable:
     """One row per sample. All per-item lists have the same length and order."""
 
@@ -398,7 +398,7 @@ def _discover_folder(root: Path, pattern: str | None, strict: bool, check: bool)
     kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
     skipped: list[tuple[str, str]] = []
     ignored_total = 0
-    for split, folder, class_dirs in per_split:
+    for split, _folder, class_dirs in per_split:
         for cdir in class_dirs:
             files, ignored = _image_files(cdir)
             ignored_total += ignored

@@ -52,6 +52,15 @@ def patient_grouped_split(
     if official_test.any():
         test = all_idx[official_test]
         pool = all_idx[~official_test]  # train + the official val (+ any rows without a split)
+        leaked = sorted({table.patient_ids[i] for i in test} & {table.patient_ids[i] for i in pool})
+        if leaked:
+            more = f" and {len(leaked) - 10} more" if len(leaked) > 10 else ""
+            raise DataError(
+                f"the test split of {table.source or 'the data set'} shares {len(leaked)} patient(s) with its "
+                f"training images: {', '.join(leaked[:10])}{more}",
+                hint="a patient's images must all be in one split: fix the source's split, or remove the split "
+                "folders (or the CSV split column) to let medlens split by patient",
+            )
         _need_patients(table, pool, "the training images (train and val splits)")
         train, val = _carve(table, pool, val_fraction, rng)
     else:
@@ -103,7 +112,7 @@ def _carve(table: SampleTable, pool: np.ndarray, fraction: float, rng: np.random
         target = fraction * sum(sizes)
         taken = 0
         chosen: list[int] = []
-        for k, size in zip(order, sizes):
+        for k, size in zip(order, sizes, strict=True):
             # take the patient if that brings the stratum closer to its target (never overshoot by more
             # than half a patient), and keep going: a later, smaller patient may still fit
             if taken + size <= target or (taken + size - target) < (target - taken):

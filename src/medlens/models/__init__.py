@@ -34,7 +34,9 @@ def register_model(fn: ModelFn) -> ModelFn:
     """Decorator: register ``fn`` under ``fn.__name__``; ``fn(num_classes=, in_chans=, **options)`` builds it."""
     name = fn.__name__
     if name in _REGISTRY and _REGISTRY[name] is not fn:
-        raise ValueError(f"model {name!r} is registered twice ({_REGISTRY[name].__module__} and {fn.__module__})")
+        raise ValueError(
+            f"model {name!r} is registered twice ({_REGISTRY[name].__module__} and {fn.__module__})"
+        )
     _REGISTRY[name] = fn
     return fn
 

@@ -43,7 +43,11 @@ ZSCORE_EPS = 1e-6
 def _versions() -> dict[str, str]:
     import medlens
 
-    versions = {"medlens": medlens.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    versions = {
+        "medlens": medlens.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     try:
         import monai
 
@@ -106,7 +110,9 @@ class ModelCard:
         if self.model_args.get("in_chans", self.in_chans) != self.in_chans:
             problems.append(f"model_args.in_chans={self.model_args['in_chans']} but in_chans={self.in_chans}")
         if problems:
-            raise DataError(f"{source}: {'; '.join(problems)}", hint="re-export the checkpoint or fix the card")
+            raise DataError(
+                f"{source}: {'; '.join(problems)}", hint="re-export the checkpoint or fix the card"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -123,10 +129,17 @@ class ModelCard:
         unknown = sorted(set(data) - set(fields))
         if unknown:  # written by a newer medlens: usable, but say what is being ignored
             warnings.warn(f"{source}: ignoring unknown card fields {unknown}", stacklevel=2)
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [
+            n
+            for n, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [n for n in required if n not in data]
         if missing:
-            raise DataError(f"{source}: missing required field(s) {', '.join(missing)}", hint="is this a medlens model card?")
+            raise DataError(
+                f"{source}: missing required field(s) {', '.join(missing)}",
+                hint="is this a medlens model card?",
+            )
         card = cls(**{k: v for k, v in data.items() if k in fields})
         card.validate(source)
         return card
@@ -137,9 +150,13 @@ class ModelCard:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DataError(f"model card not found: {path}", hint="pass a run directory that holds model.card.json") from None
+            raise DataError(
+                f"model card not found: {path}", hint="pass a run directory that holds model.card.json"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot read model card {path}: {e}", hint="the file is damaged; re-export the checkpoint") from None
+            raise DataError(
+                f"cannot read model card {path}: {e}", hint="the file is damaged; re-export the checkpoint"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
 
@@ -178,7 +195,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(model: nn.Module, card: ModelCard, dir: str | os.PathLike, stem: str = "model") -> tuple[Path, Path]:
+def save_checkpoint(
+    model: nn.Module, card: ModelCard, dir: str | os.PathLike, stem: str = "model"
+) -> tuple[Path, Path]:
     """Write ``dir/{stem}.safetensors`` and ``dir/{stem}.card.json`` atomically; returns both paths.
 
     Fills ``card.weights_sha256``, ``card.model_id`` and (if empty) ``card.created`` in place, so the
@@ -222,7 +241,9 @@ def _find_card(path: Path) -> Path:
     return path
 
 
-def load_checkpoint(dir_or_card_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+def load_checkpoint(
+    dir_or_card_path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelCard]:
     """Rebuild the model a card describes and load its weights strictly; returns ``(model.eval(), card)``.
 
     Accepts a run directory (``model.card.json`` in it), a ``.card.json`` or a ``.safetensors`` path.
@@ -238,7 +259,10 @@ def load_checkpoint(dir_or_card_path: str | os.PathLike, map_location: str | tor
     card = ModelCard.load(card_path)
     weights_path = card_path.with_name(card_path.name[: -len(CARD_SUFFIX)] + WEIGHTS_SUFFIX)
     if not weights_path.is_file():
-        raise DataError(f"weights file not found: {weights_path} (named by {card_path})", hint="copy the .safetensors file next to its card")
+        raise DataError(
+            f"weights file not found: {weights_path} (named by {card_path})",
+            hint="copy the .safetensors file next to its card",
+        )
     if card.weights_sha256:
         actual = _sha256(weights_path)
         if actual != card.weights_sha256:
@@ -249,7 +273,9 @@ def load_checkpoint(dir_or_card_path: str | os.PathLike, map_location: str | tor
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise DataError(f"cannot read weights {weights_path}: {e}", hint="the file is damaged; copy it again") from None
+        raise DataError(
+            f"cannot read weights {weights_path}: {e}", hint="the file is damaged; copy it again"
+        ) from None
     args = {"num_classes": len(card.class_names), "in_chans": card.in_chans, **card.model_args}
     try:
         model = create_model(card.model_name, **args)

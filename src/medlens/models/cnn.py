@@ -45,7 +45,9 @@ class ResidualBlock(nn.Module):
         self.shortcut: nn.Module = (
             nn.Identity()
             if in_chans == out_chans
-            else nn.Sequential(nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False), nn.BatchNorm2d(out_chans))
+            else nn.Sequential(
+                nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False), nn.BatchNorm2d(out_chans)
+            )
         )
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
@@ -103,7 +105,7 @@ class SeedNet(ImageClassifier):
         num_classes: int = 2,
         in_chans: int = 1,
         widths: Sequence[int] = DEFAULT_WIDTHS,
-        drop_rate: float = 0.3,
+        dropout: float = 0.3,
         block: str = "conv",
         attention: bool = False,
     ):
@@ -116,7 +118,7 @@ class SeedNet(ImageClassifier):
             stages.append(nn.Sequential(stage, CBAM(c_out)) if attention else stage)
         self.features = nn.Sequential(*stages)
         self.num_features = widths[-1]
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -134,33 +136,44 @@ def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
 
     widths = tuple(int(w) for w in widths)
     if not widths or min(widths) < 1:
-        raise ConfigError(f"model option widths={list(widths)} is invalid", hint="give positive channel counts, e.g. [32, 64, 128, 256]")
+        raise ConfigError(
+            f"model option widths={list(widths)} is invalid",
+            hint="give positive channel counts, e.g. [32, 64, 128, 256]",
+        )
     return widths
 
 
 @register_model
 def seed_cnn(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, drop_rate: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
 ) -> SeedNet:
     """Reference CNN: four Conv3x3-BN-ReLU-MaxPool blocks (32-64-128-256), GAP, dropout, linear."""
-    return SeedNet(num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), drop_rate=drop_rate)
+    return SeedNet(num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), dropout=dropout)
 
 
 @register_model
 def seed_resnet(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, drop_rate: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
 ) -> SeedNet:
     """Seed CNN with residual blocks (two conv-BN + projection shortcut per block)."""
     return SeedNet(
-        num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), drop_rate=drop_rate, block="residual"
+        num_classes=num_classes,
+        in_chans=in_chans,
+        widths=_check_widths(widths),
+        dropout=dropout,
+        block="residual",
     )
 
 
 @register_model
 def seed_cbam(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, drop_rate: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
 ) -> SeedNet:
     """Seed CNN with CBAM channel + spatial attention after each block (Woo et al. 2018)."""
     return SeedNet(
-        num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), drop_rate=drop_rate, attention=True
+        num_classes=num_classes,
+        in_chans=in_chans,
+        widths=_check_widths(widths),
+        dropout=dropout,
+        attention=True,
     )

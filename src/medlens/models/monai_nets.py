@@ -23,14 +23,14 @@ class DenseNetClassifier(ImageClassifier):
 
     cam_layer = "net.class_layers.relu"
 
-    def __init__(self, net: monai_nets.DenseNet, *, num_classes: int, in_chans: int, drop_rate: float):
+    def __init__(self, net: monai_nets.DenseNet, *, num_classes: int, in_chans: int, dropout: float):
         super().__init__()
         self.num_classes, self.in_chans = num_classes, in_chans
         self.net = net
         # MONAI's final ReLU is in-place and acts on the BN output; a Grad-CAM hook on the feature map
         # would then see its activations overwritten. Out-of-place, it can be the CAM layer itself.
         self.net.class_layers.relu.inplace = False
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = nn.Dropout(dropout)
         self.num_features = net.class_layers.out.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +46,11 @@ class ResNetClassifier(ImageClassifier):
 
     cam_layer = "net.layer4"
 
-    def __init__(self, net: monai_nets.ResNet, *, num_classes: int, in_chans: int, drop_rate: float):
+    def __init__(self, net: monai_nets.ResNet, *, num_classes: int, in_chans: int, dropout: float):
         super().__init__()
         self.num_classes, self.in_chans = num_classes, in_chans
         self.net = net
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = nn.Dropout(dropout)
         self.num_features = net.fc.in_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +93,14 @@ class EfficientNetClassifier(ImageClassifier):
 
 @register_model
 def densenet121(
-    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, drop_rate: float = 0.0
+    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, dropout: float = 0.0
 ) -> DenseNetClassifier:
     """MONAI DenseNet-121 (Huang et al. 2017; the CheXNet backbone), randomly initialised."""
     net = monai_nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_chans, out_channels=num_classes)
-    return DenseNetClassifier(net, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return DenseNetClassifier(net, num_classes=num_classes, in_chans=in_chans, dropout=dropout)
 
 
-def _resnet(factory, num_classes: int, in_chans: int, spatial_dims: int, conv1_stride: int, drop_rate: float):
+def _resnet(factory, num_classes: int, in_chans: int, spatial_dims: int, conv1_stride: int, dropout: float):
     net = factory(
         pretrained=False,
         spatial_dims=spatial_dims,
@@ -108,30 +108,40 @@ def _resnet(factory, num_classes: int, in_chans: int, spatial_dims: int, conv1_s
         num_classes=num_classes,
         conv1_t_stride=conv1_stride,
     )
-    return ResNetClassifier(net, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return ResNetClassifier(net, num_classes=num_classes, in_chans=in_chans, dropout=dropout)
 
 
 # MONAI's ResNet defaults to conv1 stride 1 (the Med3D convention for small volumes); stride 2 is the
 # ImageNet ResNet of He et al. and costs 4x less compute at 224 x 224. conv1_stride=1 restores MONAI's.
 @register_model
 def resnet18(
-    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, conv1_stride: int = 2, drop_rate: float = 0.0
+    *,
+    num_classes: int = 2,
+    in_chans: int = 1,
+    spatial_dims: int = 2,
+    conv1_stride: int = 2,
+    dropout: float = 0.0,
 ) -> ResNetClassifier:
     """MONAI ResNet-18 (He et al. 2016), basic blocks, randomly initialised."""
-    return _resnet(monai_nets.resnet18, num_classes, in_chans, spatial_dims, conv1_stride, drop_rate)
+    return _resnet(monai_nets.resnet18, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
 
 
 @register_model
 def resnet50(
-    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, conv1_stride: int = 2, drop_rate: float = 0.0
+    *,
+    num_classes: int = 2,
+    in_chans: int = 1,
+    spatial_dims: int = 2,
+    conv1_stride: int = 2,
+    dropout: float = 0.0,
 ) -> ResNetClassifier:
     """MONAI ResNet-50 (He et al. 2016), bottleneck blocks, randomly initialised."""
-    return _resnet(monai_nets.resnet50, num_classes, in_chans, spatial_dims, conv1_stride, drop_rate)
+    return _resnet(monai_nets.resnet50, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
 
 
 @register_model
 def efficientnet_b0(
-    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, drop_rate: float = 0.2
+    *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, dropout: float = 0.2
 ) -> EfficientNetClassifier:
     """MONAI EfficientNet-B0 (Tan & Le 2019), randomly initialised."""
     net = monai_nets.EfficientNetBN(
@@ -141,5 +151,5 @@ def efficientnet_b0(
         in_channels=in_chans,
         num_classes=num_classes,
     )
-    net._dropout.p = drop_rate
+    net._dropout.p = dropout
     return EfficientNetClassifier(net, num_classes=num_classes, in_chans=in_chans)

@@ -1,0 +1,252 @@
+"""End to end through the `medlens` command: train -> evaluate -> predict on real chest X-rays, and every bad
+input the user can give, each answered with one clear message and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medlens.cli import main
+
+FAST = ["--set", "data.image_size=32", "--set", "train.epochs=2", "--set", "train.batch_size=16",
+        "--set", "model.args.widths=[8,16,32,64]", "--set", "eval.n_bootstrap=200", "--no-progress"]
+
+
+def _link_subset(src: Path, dst: Path, per_class: dict[str, int]) -> None:
+    """A small image folder made of symlinks into the shared Kermany data (nothing is copied)."""
+    for split, n in per_class.items():
+        for cls in ("NORMAL", "PNEUMONIA"):
+            files = sorted((src / split / cls).iterdir())[:n]
+            out = dst / split / cls
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                (out / f.name).symlink_to(f)
+
+
+@pytest.fixture(scope="module")
+def small_cxr(kermany, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cxr")
+    _link_subset(kermany, root, {"train": 60, "test": 20})
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tensor_cache_dir, monkeypatch):
+    monkeypatch.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_cxr, tmp_path_factory, tensor_cache_dir) -> Path:
+    os.environ["MEDLENS_CACHE"] = str(tensor_cache_dir)
+    run = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", str(small_cxr), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    return run
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_train_writes_a_complete_run(trained_run):
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "train.log", "model.safetensors",
+                 "model.card.json", "last.ckpt", "val_predictions.csv"):
+        assert (trained_run / name).exists(), name
+    split = json.loads((trained_run / "split.json").read_text())
+    assert split["hash"] and not set(split["train"]["patients"]) & set(split["val"]["patients"])
+    assert split["test"]["n"] == 40  # the test folder is listed but never loaded for training
+    epochs = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    card = json.loads((trained_run / "model.card.json").read_text())
+    assert card["class_names"] == ["NORMAL", "PNEUMONIA"] and card["input_size"] == 32
+    assert 0 < card["threshold"] < 1 and "sensitivity" in card["threshold_policy"]
+    assert card["weights_sha256"] and card["model_id"].startswith("seed_cnn-")
+
+
+def test_evaluate_writes_metrics_with_intervals_and_report(trained_run, small_cxr, capsys):
+    assert main(["evaluate", str(trained_run), "--data", str(small_cxr), "--split", "test",
+                 "--bootstrap", "200", "--no-progress"]) == 0
+    out = trained_run / "eval" / "test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 40
+    card = json.loads((trained_run / "model.card.json").read_text())
+    assert metrics["threshold"] == pytest.approx(card["threshold"])  # chosen on val, applied unchanged
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece"):
+        m = metrics[key]
+        assert m["ci_low"] <= m["value"] + 1e-9 and m["value"] <= m["ci_high"] + 1e-9 or np.isnan(m["value"]), key
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 4 and "not for diagnostic use" in html.lower()
+    # Kermany file names carry the pneumonia subtype: the report has bacterial vs viral sensitivity.
+    assert set(metrics["subgroups"]["sensitivity by pneumonia subtype"]) <= {"bacteria", "virus"}
+    assert "auc" in capsys.readouterr().out
+
+
+def test_predict_prints_one_json_per_file(trained_run, kermany, shared_data, capsys):
+    jpeg = sorted((kermany / "test" / "PNEUMONIA").iterdir())[0]
+    dicom = shared_data / "dicom" / "RG1_J2KI.dcm"
+    assert main(["predict", str(trained_run), str(jpeg), str(dicom)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in lines] == [str(jpeg), str(dicom)]
+    card = json.loads((trained_run / "model.card.json").read_text())
+    for r in lines:
+        assert 0 <= r["probability"] <= 1 and r["threshold"] == pytest.approx(card["threshold"], abs=1e-6)
+        assert r["label"] == ("PNEUMONIA" if r["probability"] >= r["threshold"] else "NORMAL")
+        assert r["model_id"] == card["model_id"]
+
+
+def test_same_seed_on_cpu_gives_identical_metrics(small_cxr, tmp_path, trained_run):
+    run = tmp_path / "again"
+    assert main(["train", str(small_cxr), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    assert (run / "metrics.jsonl").read_text().count("val_auc") == 2
+    first = [json.loads(x)["val_auc"] for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x)["val_auc"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert first == again
+    a = json.loads((trained_run / "model.card.json").read_text())
+    b = json.loads((run / "model.card.json").read_text())
+    assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(small_cxr, tmp_path, trained_run, monkeypatch):
+    import medlens.train as train_mod
+
+    real_save = train_mod.torch.save
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            # The machine goes away while epoch 2's checkpoint is being written (before its atomic rename).
+            raise KeyboardInterrupt
+
+    run = tmp_path / "resumed"
+    monkeypatch.setattr(train_mod.torch, "save", save_then_die)
+    assert main(["train", str(small_cxr), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 130
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    assert main(["train", str(small_cxr), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "resumed from" in (run / "train.log").read_text()
+    full = (trained_run / "metrics.jsonl").read_text().splitlines()
+    resumed = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["val_auc"] for x in resumed] == [json.loads(x)["val_auc"] for x in full]
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("seed_cnn", "seed_resnet", "seed_cbam", "densenet121", "resnet18", "resnet50", "efficientnet_b0"):
+        assert name in out
+
+
+# ---------------------------------------------------------------- bad input: one message, exit != 0
+
+
+def _dicom_without_pixels(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # basic text SR: no image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.PatientID, ds.Modality = "X", "SR"
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def _bad_files(tmp: Path, kermany: Path) -> dict[str, tuple[Path, str]]:
+    good = sorted((kermany / "test" / "NORMAL").iterdir())[0].read_bytes()
+    truncated = tmp / "truncated.jpeg"
+    truncated.write_bytes(good[: len(good) // 3])
+    empty = tmp / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp / "notes.png"
+    text.write_text("this is a note, not an image\n")
+    return {
+        "truncated": (truncated, "truncated"),
+        "empty": (empty, "empty"),
+        "text": (text, "not an image"),
+        "no_pixels": (_dicom_without_pixels(tmp / "report.dcm"), "no pixel data"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "no_pixels"])
+def test_predict_bad_file_names_file_and_problem(trained_run, kermany, tmp_path, capsys, kind):
+    path, problem = _bad_files(tmp_path, kermany)[kind]
+    assert main(["predict", str(trained_run), str(path)]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["path"] == str(path) and path.name in result["error"] and problem in result["error"].lower()
+
+
+def test_unreadable_images_in_a_folder_are_skipped_and_listed_or_fatal_with_strict(
+        small_cxr, kermany, tmp_path, capsys):
+    data = tmp_path / "data"
+    _link_subset(small_cxr, data, {"train": 60})
+    bad = _bad_files(tmp_path, kermany)
+    for kind in ("truncated", "text"):
+        target = data / "train" / "NORMAL" / f"bad_{bad[kind][0].name}"
+        target.write_bytes(bad[kind][0].read_bytes())
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    err = _err(capsys)
+    assert "skipped 2 unreadable" in err and "bad_truncated.jpeg" in err and "bad_notes.png" in err
+    assert len((run / "skipped.txt").read_text().splitlines()) == 2
+    assert main(["train", str(data), "--out", str(tmp_path / "strict"), "--recipe", "cxr_cpu", "--strict",
+                 *FAST]) == 2
+    err = _err(capsys)
+    assert "bad_truncated.jpeg" in err or "bad_notes.png" in err
+
+
+def _one_class_tree(tmp: Path, kermany: Path, empty_second: bool) -> Path:
+    root = tmp / "tree"
+    (root / "NORMAL").mkdir(parents=True)
+    for f in sorted((kermany / "train" / "NORMAL").iterdir())[:5]:
+        (root / "NORMAL" / f.name).symlink_to(f)
+    if empty_second:
+        (root / "PNEUMONIA").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "model.name=resnet_9000"], "unknown model 'resnet_9000'"),
+        (["--recipe", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+        (["--set", "train.epochz=3"], "unknown config key 'train.epochz'"),
+        (["--set", "train.epochs=many"], "train.epochs"),
+        (["--set", "model.args.depth=3"], "has no option 'depth'"),
+    ],
+)
+def test_config_mistakes_are_one_clear_message(small_cxr, tmp_path, capsys, args, expected):
+    code = main(["train", str(small_cxr), "--out", str(tmp_path / "r"), "--recipe", "cxr_cpu", "--no-progress",
+                 *args]) if "--recipe" not in args else main(
+        ["train", str(small_cxr), "--out", str(tmp_path / "r"), "--no-progress", *args])
+    assert code == 2
+    err = _err(capsys)
+    assert expected in err and err.startswith("medlens: error:")
+
+
+@pytest.mark.parametrize(("empty_second", "expected"), [(True, "contains no images"), (False, "only one class")])
+def test_folder_structure_mistakes(kermany, tmp_path, capsys, empty_second, expected):
+    root = _one_class_tree(tmp_path, kermany, empty_second)
+    assert main(["train", str(root), "--out", str(tmp_path / "r"), "--recipe", "cxr_cpu", *FAST]) == 2
+    err = _err(capsys)
+    assert expected in err and str(root) in err
+
+
+def test_missing_data_path_says_what_to_give(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    err = _err(capsys)
+    assert "nowhere" in err and "does not exist" in err
+
+
+def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, small_cxr, capsys):
+    assert main(["evaluate", str(tmp_path), "--data", str(small_cxr)]) == 2
+    assert "not a medlens run directory" in _err(capsys)
