@@ -141,3 +141,11 @@ def test_too_few_patients():
     t = _toy_table(["p1", "p1"], [0, 1], ["train", "train"])
     with pytest.raises(DataError, match="at least"):
         patient_grouped_split(t)
+
+
+def test_a_large_official_val_split_is_kept_as_published(shared_data):
+    """MedMNIST's own val split (524 images) is the published protocol: it is used as is, not re-carved."""
+    table = discover(shared_data / "medmnist" / "pneumoniamnist.npz")
+    split = patient_grouped_split(table, seed=0)
+    assert [table.splits[i] for i in split["val"]] == ["val"] * 524
+    assert {table.splits[i] for i in split["train"]} == {"train"}

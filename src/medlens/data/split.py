@@ -8,7 +8,8 @@ The rule (:func:`patient_grouped_split`):
 
 * **The source has a test split** (``ROOT/test/``, a CSV ``split`` column, MedMNIST's ``test_*``): it is
   kept exactly as it is: it is the benchmark everyone else reports on.
-* **The source's own val split is not used for model selection.** Kermany's has 16 images, far too few to
+* **A source's own val split is used only when it is big enough to select on** (at least
+  ``MIN_OFFICIAL_VAL_PER_CLASS`` images per class, e.g. MedMNIST's 524). Kermany's has 16 images, far too few to
   choose a model or a threshold on. Its images (other patients than train's) join the pool of training
   images, and ``val`` is carved from that pool (train + official val), ``val_fraction`` of its images,
   grouped by patient and stratified by label.
@@ -61,8 +62,14 @@ def patient_grouped_split(
                 hint="a patient's images must all be in one split: fix the source's split, or remove the split "
                 "folders (or the CSV split column) to let medlens split by patient",
             )
-        _need_patients(table, pool, "the training images (train and val splits)")
-        train, val = _carve(table, pool, val_fraction, rng)
+        official_val = all_idx[np.array([s == "val" for s in table.splits], dtype=bool)]
+        if _big_enough(table, official_val):
+            # A source's own validation split large enough to select on is the published protocol
+            # (MedMNIST: 524 images); keep it so results compare with the literature.
+            train, val = all_idx[np.array([s == "train" for s in table.splits], dtype=bool)], official_val
+        else:
+            _need_patients(table, pool, "the training images (train and val splits)")
+            train, val = _carve(table, pool, val_fraction, rng)
     else:
         if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise DataError(
@@ -81,6 +88,17 @@ def patient_grouped_split(
         )
     assert_patient_disjoint(table, split)
     return split
+
+
+MIN_OFFICIAL_VAL_PER_CLASS = 50  # below this an official val split is too small to choose a model on
+
+
+def _big_enough(table: SampleTable, idx: np.ndarray) -> bool:
+    """True when every class has MIN_OFFICIAL_VAL_PER_CLASS images in ``idx`` (Kermany's 8 + 8 does not)."""
+    if len(idx) == 0:
+        return False
+    counts = np.bincount(np.asarray(table.labels)[idx], minlength=len(table.classes))
+    return bool(counts.min() >= MIN_OFFICIAL_VAL_PER_CLASS)
 
 
 def _need_patients(table: SampleTable, idx: np.ndarray, what: str, minimum: int = 2) -> None:
