@@ -73,12 +73,24 @@ def test_forward_gives_logits_and_splits_into_features_and_head(models, name):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_backward_reaches_every_parameter(models, name):
+def test_backward_reaches_every_parameter_and_the_cam_layer(models, name):
     model = models(name).train()
     model.zero_grad(set_to_none=True)
-    # 32 px keeps the heavy backbones fast; every layer still runs (their last feature map is 1 x 1)
-    loss = torch.nn.functional.cross_entropy(model(_x(size=32)), torch.tensor([0, 1]))
-    loss.backward()
+    # Grad-CAM's plumbing: keep the cam_layer output and catch the gradient flowing back into it
+    cam = {}
+
+    def keep(_module, _inputs, out):
+        cam["activation"] = out
+        out.register_hook(lambda grad: cam.__setitem__("grad", grad))
+
+    handle = model.get_submodule(model.cam_layer).register_forward_hook(keep)
+    try:
+        # 32 px keeps the heavy backbones fast; every layer still runs (their last feature map is 1 x 1)
+        loss = torch.nn.functional.cross_entropy(model(_x(size=32)), torch.tensor([0, 1]))
+        loss.backward()
+    finally:
+        handle.remove()
+    assert cam["grad"].shape == cam["activation"].shape and cam["grad"].abs().sum() > 0
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])

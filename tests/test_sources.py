@@ -329,3 +329,21 @@ def test_npz_missing_keys(tmp_path):
         discover(f)
     msg = e.value.message
     assert str(f) in msg and "val_images" in msg and "keys found: train_images, train_labels" in msg
+
+
+def test_dicom_patient_id_groups_images_and_is_pseudonymised(tmp_path):
+    """Folders of DICOM files take the patient from PatientID, never written in clear."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for cls, patients in (("NORMAL", ["ALICE^A", "ALICE^A", "BOB^B"]), ("PNEUMONIA", ["CAROL^C", "DAVE^D"])):
+        (tmp_path / cls).mkdir()
+        for k, pid in enumerate(patients):
+            src.PatientID = pid
+            src.save_as(tmp_path / cls / f"img{k}.dcm")
+    table = discover(tmp_path)
+    assert table.patient_id_source == "dicom"
+    ids = dict(zip([Path(i).relative_to(tmp_path).as_posix() for i in table.items], table.patient_ids, strict=True))
+    assert ids["NORMAL/img0.dcm"] == ids["NORMAL/img1.dcm"] != ids["NORMAL/img2.dcm"]
+    assert all(p.startswith("dicom-") and "ALICE" not in p for p in table.patient_ids)

@@ -32,7 +32,9 @@ A classifier must be validated on patients it has never seen, so every sample ge
      official split look leaky; the subtype is therefore part of the patient id.
    * ``NORMAL2-IM-XXXX-YYYY`` -> ``"normal2-XXXX"``, ``IM-XXXX-YYYY`` -> ``"im-XXXX"`` (numbered
      separately for the two prefixes).
-3. Otherwise (or for a CSV, when there is a ``patient_id`` column, that column) the file itself: each
+3. DICOM files: the PatientID element, pseudonymised as ``dicom-<sha256 prefix>`` so that no patient id is
+   written in clear into a run's split.json.
+4. Otherwise (or for a CSV, when there is a ``patient_id`` column, that column) the file itself: each
    image is its own patient. ``SampleTable.patient_id_source`` says which rule was used and
    ``SampleTable.notes`` warns when ids are per file (a split can then leak a patient's other images).
 """
@@ -218,7 +220,7 @@ class _PatientNamer:
         self.used: Counter = Counter()
         self.unmatched: list[str] = []
 
-    def __call__(self, rel: str) -> tuple[str, dict]:
+    def __call__(self, rel: str, path: Path | None = None) -> tuple[str, dict]:
         if self.rx is not None:
             m = self.rx.search(rel)
             if m is None:
@@ -231,6 +233,10 @@ class _PatientNamer:
         if found is not None:
             self.used["filename"] += 1
             return found
+        pid = _dicom_patient(path) if path is not None and path.suffix.lower() in (".dcm", ".dicom") else None
+        if pid is not None:
+            self.used["dicom"] += 1
+            return pid, {}
         self.used["per-file"] += 1
         return _per_file_id(rel), {}
 
@@ -245,6 +251,19 @@ class _PatientNamer:
             )
 
 
+def _dicom_patient(path: Path) -> str | None:
+    """A DICOM file's PatientID, pseudonymised: run folders (split.json) must not carry patient ids in clear,
+    so the id is replaced by a stable hash that still groups a patient's images."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # unreadable headers are reported by the reader at decode time
+        return None
+    pid = str(getattr(ds, "PatientID", "") or "").strip()
+    return f"dicom-{hashlib.sha256(pid.encode()).hexdigest()[:16]}" if pid else None
+
+
 def _per_file_id(rel: str) -> str:
     """Patient id of a file with no known patient: its relative path without suffix (unique per file)."""
     p = Path(rel)
@@ -252,7 +271,7 @@ def _per_file_id(rel: str) -> str:
 
 
 def _finish_patients(table_kwargs: dict, used: Counter, n: int) -> None:
-    kinds = [k for k in ("column", "pattern", "filename", "per-file") if used.get(k)]
+    kinds = [k for k in ("column", "pattern", "filename", "dicom", "per-file") if used.get(k)]
     table_kwargs["patient_id_source"] = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "")
     table_kwargs["patients_per_file"] = bool(used.get("per-file"))
     if used.get("per-file"):
@@ -417,7 +436,7 @@ def _discover_folder(root: Path, pattern: str | None, strict: bool, check: bool)
                         skipped.append((str(f), reason))
                         continue
                 rel = f.relative_to(root).as_posix()
-                pid, meta = namer(rel)
+                pid, meta = namer(rel, f)
                 kw["items"].append(str(f))
                 kw["labels"].append(class_index[cdir.name])
                 kw["patient_ids"].append(pid)
@@ -550,7 +569,7 @@ def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool
             if found is not None:
                 meta = {**found[1], **meta}
         else:
-            pid, pmeta = namer(rel)
+            pid, pmeta = namer(rel, fp)
             meta = {**pmeta, **meta}
         kw["items"].append(str(fp))
         kw["labels"].append(class_index[label])
