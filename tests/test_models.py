@@ -99,6 +99,17 @@ def test_backward_reaches_every_parameter_and_the_cam_layer(models, name):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
+def test_min_input_size_runs(models, name):
+    model = models(name).eval()
+    size = model.min_input_size
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, size, size)).shape == (1, 2)
+    if name == "densenet121":  # the documented reason the attribute exists
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, 1, size - 4, size - 4))
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_channels_last_gives_same_logits(models, name):
     model = models(name).eval()
     x = _x(size=32)
@@ -170,6 +181,7 @@ def test_options_change_the_model():
     assert small.forward_features(_x()).shape == (2, 32, 8, 8)
     assert create_model("seed_cnn", dropout=0.5).dropout.p == 0.5
     assert create_model("seed_cnn")(_x(size=28)).shape == (2, 2)  # MedMNIST's 28 x 28 (1 x 1 feature map)
+    assert create_model("seed_cnn").min_input_size == 16 and small.min_input_size == 8
     assert create_model("efficientnet_b0", dropout=0.0).net._dropout.p == 0.0
 
 
@@ -204,7 +216,7 @@ def test_unknown_option_is_a_config_error():
 def test_model_info():
     info = model_info("seed_cnn")
     assert info["params"] == sum(p.numel() for p in create_model("seed_cnn").parameters())
-    assert info["default_input_size"] == 224
+    assert info["default_input_size"] == 224 and info["min_input_size"] == 16
     assert info["family"] == "cnn" and info["description"]
     assert info["options"]["dropout"] == 0.3
     assert model_info("densenet121")["family"] == "monai_nets"
@@ -262,6 +274,10 @@ def test_card_validation():
         card.validate()
     with pytest.raises(DataError, match="intensity"):
         dataclasses.replace(card, model_args={}, intensity="minmax").validate()
+    with pytest.raises(DataError, match="threshold should be a number, found NoneType"):
+        dataclasses.replace(card, model_args={}, threshold=None).validate()  # a NaN threshold saved as null
+    with pytest.raises(DataError, match="threshold=1.5"):
+        dataclasses.replace(card, model_args={}, threshold=1.5).validate()
 
 
 def test_normalize_batch_per_image_zscore():

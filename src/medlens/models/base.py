@@ -19,6 +19,8 @@ class ImageClassifier(nn.Module):
     cam_layer: str = ""
     #: side length of the square input the architecture was designed for
     default_input_size: int = 224
+    #: smallest square input that runs (e.g. densenet121 fails below 32 px: MedMNIST's 28 px is too small)
+    min_input_size: int = 32
     num_classes: int
     in_chans: int
 

@@ -90,9 +90,15 @@ class ModelCard:
 
     def validate(self, source: str = "model card") -> None:
         """Raise ``DataError`` naming ``source`` if the card is inconsistent."""
-        problems = []
-        if not isinstance(self.model_args, dict) or not isinstance(self.class_names, list):
-            raise DataError(f"{source}: model_args must be an object and class_names a list")
+        problems = [
+            f"{name} should be {'a number' if isinstance(kind, tuple) else kind.__name__}, found {type(getattr(self, name)).__name__}"
+            for name, kind in _FIELD_TYPES.items()
+            if not isinstance(getattr(self, name), kind) or isinstance(getattr(self, name), bool)
+        ]
+        if problems:  # the checks below assume the types
+            raise DataError(
+                f"{source}: {'; '.join(problems)}", hint="re-export the checkpoint or fix the card"
+            )
         if self.intensity not in INTENSITIES:
             problems.append(f"intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}")
         if len(self.class_names) < 1:
@@ -158,6 +164,23 @@ class ModelCard:
                 f"cannot read model card {path}: {e}", hint="the file is damaged; re-export the checkpoint"
             ) from None
         return cls.from_dict(data, source=str(path))
+
+
+# fields whose type the checks in ModelCard.validate rely on (int is accepted where a float is expected)
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model_name": str,
+    "model_args": dict,
+    "class_names": list,
+    "input_size": int,
+    "in_chans": int,
+    "intensity": str,
+    "threshold": (int, float),
+    "positive_class": int,
+    "temperature": (int, float),
+    "metrics": dict,
+    "config": dict,
+    "epoch": int,
+}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medlens.errors import ConfigError
 from medlens.models import register_model
 from medlens.models.base import ImageClassifier, global_avg_pool
 
@@ -99,6 +100,10 @@ class SeedNet(ImageClassifier):
     default_input_size = 224
     cam_layer = "features"
 
+    @property
+    def min_input_size(self) -> int:  # each stage halves the resolution
+        return 2 ** len(self.features)
+
     def __init__(
         self,
         *,
@@ -132,8 +137,6 @@ class SeedNet(ImageClassifier):
 
 
 def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
-    from medlens.errors import ConfigError
-
     widths = tuple(int(w) for w in widths)
     if not widths or min(widths) < 1:
         raise ConfigError(

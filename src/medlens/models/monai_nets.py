@@ -10,12 +10,23 @@ and ImageNet RGB weights are a poor start for 1-channel radiographs anyway.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from monai.networks import nets as monai_nets
 from torch import nn
 
 from medlens.models import register_model
 from medlens.models.base import ImageClassifier
+
+if TYPE_CHECKING:
+    from monai.networks import nets as monai_nets
+
+
+def _monai_nets():
+    # Imported when a MONAI model is built, not when medlens.models is: it adds ~4 s to every CLI start.
+    from monai.networks import nets
+
+    return nets
 
 
 class DenseNetClassifier(ImageClassifier):
@@ -96,7 +107,7 @@ def densenet121(
     *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, dropout: float = 0.0
 ) -> DenseNetClassifier:
     """MONAI DenseNet-121 (Huang et al. 2017; the CheXNet backbone), randomly initialised."""
-    net = monai_nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_chans, out_channels=num_classes)
+    net = _monai_nets().DenseNet121(spatial_dims=spatial_dims, in_channels=in_chans, out_channels=num_classes)
     return DenseNetClassifier(net, num_classes=num_classes, in_chans=in_chans, dropout=dropout)
 
 
@@ -123,7 +134,7 @@ def resnet18(
     dropout: float = 0.0,
 ) -> ResNetClassifier:
     """MONAI ResNet-18 (He et al. 2016), basic blocks, randomly initialised."""
-    return _resnet(monai_nets.resnet18, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
+    return _resnet(_monai_nets().resnet18, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
 
 
 @register_model
@@ -136,7 +147,7 @@ def resnet50(
     dropout: float = 0.0,
 ) -> ResNetClassifier:
     """MONAI ResNet-50 (He et al. 2016), bottleneck blocks, randomly initialised."""
-    return _resnet(monai_nets.resnet50, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
+    return _resnet(_monai_nets().resnet50, num_classes, in_chans, spatial_dims, conv1_stride, dropout)
 
 
 @register_model
@@ -144,7 +155,7 @@ def efficientnet_b0(
     *, num_classes: int = 2, in_chans: int = 1, spatial_dims: int = 2, dropout: float = 0.2
 ) -> EfficientNetClassifier:
     """MONAI EfficientNet-B0 (Tan & Le 2019), randomly initialised."""
-    net = monai_nets.EfficientNetBN(
+    net = _monai_nets().EfficientNetBN(
         "efficientnet-b0",
         pretrained=False,  # MONAI's default is True, which downloads ImageNet weights
         spatial_dims=spatial_dims,
