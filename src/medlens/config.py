@@ -150,6 +150,12 @@ def _coerce(value: Any, current: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{path}' takes true or false, got {value!r}")
+    if isinstance(current, (int, float)) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            value = float(value)
+        except ValueError:
+            kind = "a whole number" if isinstance(current, int) else "a number"
+            raise ConfigError(f"config key '{path}' takes {kind}, got {value!r}") from None
     if isinstance(current, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
         if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"config key '{path}' takes a whole number, got {value!r}")

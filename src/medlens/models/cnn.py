@@ -101,8 +101,8 @@ class SeedNet(ImageClassifier):
     cam_layer = "features"
 
     @property
-    def min_input_size(self) -> int:  # each stage halves the resolution
-        return 2 ** len(self.features)
+    def min_input_size(self) -> int:  # each stage halves the resolution, the stem divides by its factor
+        return 2 ** len(self.features) * self.stem_factor
 
     def __init__(
         self,
@@ -113,12 +113,18 @@ class SeedNet(ImageClassifier):
         dropout: float = 0.3,
         block: str = "conv",
         attention: bool = False,
+        stem: int = 1,
     ):
         super().__init__()
         self.num_classes, self.in_chans = num_classes, in_chans
         block_type = {"conv": ConvBlock, "residual": ResidualBlock}[block]
+        # stem > 1: space-to-depth (PixelUnshuffle) folds each stem x stem patch into channels, so a 128 px image
+        # costs what a 64 px one does while every pixel still reaches the first convolution. On a CPU the
+        # full-resolution first block is memory-bound and dominates the step; this removes it.
+        self.stem_factor = int(stem)
+        self.stem = nn.PixelUnshuffle(self.stem_factor) if self.stem_factor > 1 else nn.Identity()
         stages = []
-        for c_in, c_out in zip([in_chans, *widths[:-1]], widths, strict=True):
+        for c_in, c_out in zip([in_chans * self.stem_factor**2, *widths[:-1]], widths, strict=True):
             stage = block_type(c_in, c_out)
             stages.append(nn.Sequential(stage, CBAM(c_out)) if attention else stage)
         self.features = nn.Sequential(*stages)
@@ -130,7 +136,7 @@ class SeedNet(ImageClassifier):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        return self.features(self.stem(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(global_avg_pool(features)))
@@ -146,17 +152,26 @@ def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
     return widths
 
 
+def _check_stem(stem: int) -> int:
+    if int(stem) < 1:
+        raise ConfigError(f"model option stem={stem} is invalid", hint="1 (no stem) or a downscale factor like 2")
+    return int(stem)
+
+
 @register_model
 def seed_cnn(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3,
+    stem: int = 1,
 ) -> SeedNet:
     """Reference CNN: four Conv3x3-BN-ReLU-MaxPool blocks (32-64-128-256), GAP, dropout, linear."""
-    return SeedNet(num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), dropout=dropout)
+    return SeedNet(num_classes=num_classes, in_chans=in_chans, widths=_check_widths(widths), dropout=dropout,
+                   stem=_check_stem(stem))
 
 
 @register_model
 def seed_resnet(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3,
+    stem: int = 1,
 ) -> SeedNet:
     """Seed CNN with residual blocks (two conv-BN + projection shortcut per block)."""
     return SeedNet(
@@ -165,12 +180,14 @@ def seed_resnet(
         widths=_check_widths(widths),
         dropout=dropout,
         block="residual",
+        stem=_check_stem(stem),
     )
 
 
 @register_model
 def seed_cbam(
-    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3
+    *, num_classes: int = 2, in_chans: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, dropout: float = 0.3,
+    stem: int = 1,
 ) -> SeedNet:
     """Seed CNN with CBAM channel + spatial attention after each block (Woo et al. 2018)."""
     return SeedNet(
@@ -179,4 +196,5 @@ def seed_cbam(
         widths=_check_widths(widths),
         dropout=dropout,
         attention=True,
+        stem=_check_stem(stem),
     )
