@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from medlens.cli import main as medlens
+from medlens.models.card import jsonable
 
 
 def main(argv=None) -> int:
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
         "test": {k: metrics[k] for k in keys}, "test_n": metrics["n"],
         "subgroups": metrics.get("subgroups"), "date": time.strftime("%Y-%m-%d"),
     }
+    result = jsonable(result)  # NaN (e.g. specificity of an all-positive subgroup) -> null
     print(json.dumps(result, indent=1))
     out = Path(args.result) if args.result else Path(__file__).parent / "results" / f"cpu_recipe-{args.recipe}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -20,6 +20,7 @@ from medlens.data.split import patient_grouped_split
 from medlens.errors import ConfigError, DataError
 from medlens.inference import Predictor
 from medlens.metrics import metrics_with_ci, subgroup_sensitivity
+from medlens.models.card import jsonable
 from medlens.report import write_report
 
 log = logging.getLogger("medlens.evaluate")
@@ -110,7 +111,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     out.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "split": split, "model_id": card.model_id, "subgroups": subgroups,
               "skipped": [list(s) for s in loaded.skipped]}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "probability", "predicted"])
