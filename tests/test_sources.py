@@ -9,20 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_shared as shared
 
 from medlens.data.sources import SampleTable, discover, kermany_patient
 from medlens.errors import ConfigError, DataError
-
-SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def shared(sub: str) -> Path:
-    path = SHARED / sub
-    if not path.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{path} is missing: CI needs the shared data beside the checkout")
-        pytest.skip(f"{path} not available")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -235,7 +235,9 @@ def save_checkpoint(
     weights_path, card_path = dir / f"{stem}{WEIGHTS_SUFFIX}", dir / f"{stem}{CARD_SUFFIX}"
     # contiguous CPU copies: safetensors rejects channels-last / strided tensors
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "model_name": card.model_name}
+    # One metadata key only: safetensors writes the metadata map in hash order, which changes from process
+    # to process with two or more keys, and then identical weights would get different file checksums.
+    metadata = {"format": "pt"}
     _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     card.weights_sha256 = _sha256(weights_path)
     card.model_id = f"{card.model_name}-{card.weights_sha256[:12]}"
