@@ -250,3 +250,25 @@ def test_missing_data_path_says_what_to_give(tmp_path, capsys):
 def test_evaluate_on_a_folder_that_is_not_a_run(tmp_path, small_cxr, capsys):
     assert main(["evaluate", str(tmp_path), "--data", str(small_cxr)]) == 2
     assert "not a medlens run directory" in _err(capsys)
+
+
+def test_main_job_offline_without_data_says_exactly_what_to_do(tmp_path, monkeypatch, capsys):
+    """No --data, no env var, no local copy, no cache, no network: one message with the three ways out."""
+    import medlens.data.download as download
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(download, "_shared_data_roots", lambda search_from: [])  # as on a user's machine
+    monkeypatch.setenv("MEDLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDLENS_OFFLINE", "1")
+    for var in ("MEDLENS_DATA", "MEDLENS_DATA_CHEST_XRAY"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["run"]) == 2
+    err = _err(capsys)
+    assert err.count("medlens: error:") == 1
+    assert "--data" in err and "MEDLENS_DATA" in err and "medlens data fetch chest_xray" in err
+
+
+def test_data_list_names_the_public_data_sets(capsys):
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "chest_xray" in out and "pneumoniamnist" in out

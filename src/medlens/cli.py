@@ -107,13 +107,18 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from medlens.data.download import DATASETS, resolve_dataset
+    from medlens.data.download import DATASETS, download_dataset
+    from medlens.errors import ConfigError
 
     if args.action == "list":
         for name, spec in DATASETS.items():
             print(f"{name:<16} {spec.description}")
         return 0
-    print(resolve_dataset(args.name, data_arg=None))
+    if args.name not in DATASETS:
+        raise ConfigError(f"unknown data set '{args.name}'", hint=f"known: {', '.join(DATASETS)}")
+    spec = DATASETS[args.name]
+    # fetch fills the download cache (checksummed, resumable) even where a local copy exists elsewhere
+    print(download_dataset(spec))
     return 0
 
 
