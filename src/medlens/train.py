@@ -186,12 +186,13 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     best_weights = None
     resume_path = run_dir / RESUME_FILE
     if resume and resume_path.exists():
-        ckpt = torch.load(resume_path, map_location=device, weights_only=False)
+        # Loaded on the CPU: generator states must be CPU byte tensors; the optimiser moves its state itself.
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         order_gen.set_state(ckpt["order_gen"])
-        aug_gen.set_state(ckpt["aug_gen"].to(aug_gen.get_state().device))
+        aug_gen.set_state(ckpt["aug_gen"])
         torch.set_rng_state(ckpt["torch_rng"])  # dropout draws from the global generator
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
