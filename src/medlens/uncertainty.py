@@ -250,7 +250,8 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, n: int = 20, *, seed: i
     with _modes_restored(model), _fork_rng(device):
         model.eval()
         for m in drop:
-            m.training = True  # this module only: m.train() would also switch any BatchNorm inside it
+            pass
+        model.train()
         torch.manual_seed(seed)
         passes = [_forward(model, x, intensity=intensity, batch_size=batch_size, device=device, amp=amp)
                   for _ in range(n)]
