@@ -89,6 +89,17 @@ def test_evaluate_writes_metrics_with_intervals_and_report(trained_run, small_cx
     assert "auc" in capsys.readouterr().out
 
 
+def test_evaluate_on_the_runs_own_validation_split(trained_run, small_cxr, tmp_path, capsys):
+    assert main(["evaluate", str(trained_run), "--data", str(small_cxr), "--split", "val", "--bootstrap", "50",
+                 "--no-progress"]) == 0
+    split = json.loads((trained_run / "split.json").read_text())
+    assert json.loads((trained_run / "eval" / "val" / "metrics.json").read_text())["n"] == split["val"]["n"]
+    other = tmp_path / "other"
+    _link_subset(small_cxr, other, {"train": 40, "test": 20})  # different data: a different split
+    assert main(["evaluate", str(trained_run), "--data", str(other), "--split", "val", "--no-progress"]) == 2
+    assert "differs from the run's split.json" in _err(capsys)
+
+
 def test_predict_prints_one_json_per_file(trained_run, kermany, shared_data, capsys):
     jpeg = sorted((kermany / "test" / "PNEUMONIA").iterdir())[0]
     dicom = shared_data / "dicom" / "RG1_J2KI.dcm"

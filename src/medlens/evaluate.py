@@ -16,7 +16,7 @@ import yaml
 from medlens.config import Config, config_from_dict
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
-from medlens.data.split import patient_grouped_split
+from medlens.data.split import patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
 from medlens.inference import Predictor
 from medlens.metrics import metrics_with_ci, subgroup_sensitivity
@@ -42,6 +42,10 @@ def split_indices(table: SampleTable, cfg: Config, split: str, run_dir: Path) ->
     if split == "test" and "test" in table.splits:
         return np.flatnonzero(np.asarray(table.splits) == "test")
     parts = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    saved = run_dir / "split.json"
+    if saved.exists() and split_manifest(table, parts)["hash"] != json.loads(saved.read_text())["hash"]:
+        raise DataError(f"{table.source}: the {split} split made from this data differs from the run's split.json",
+                        hint="evaluate on the same data the run was trained on (or use --split test)")
     return parts[split]
 
 

@@ -250,8 +250,7 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, n: int = 20, *, seed: i
     with _modes_restored(model), _fork_rng(device):
         model.eval()
         for m in drop:
-            pass
-        model.train()
+            m.training = True  # this module only: m.train() would also switch any BatchNorm inside it
         torch.manual_seed(seed)
         passes = [_forward(model, x, intensity=intensity, batch_size=batch_size, device=device, amp=amp)
                   for _ in range(n)]
@@ -287,7 +286,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, n: int = 8, *, intensity:
             out = []
             for start in range(0, len(images), batch_size):
                 xb = images[start : start + batch_size].to(device, non_blocking=True)
-                if k > 0:
+                if True:
                     xb = aug(xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float())
                 xb = normalize_batch(xb, intensity)
                 if channels_last:
