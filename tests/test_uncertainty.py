@@ -292,6 +292,8 @@ def test_refer_threshold_never_refers_more_than_asked_with_ties():
     u = np.array([0.0] * 50 + [1.0] * 50)
     t = choose_refer_threshold(u, coverage=0.9)
     assert (u > t).mean() <= 0.1
+    small = np.arange(10.0)  # 85 % coverage of 10 cases: refer 1 (10 %), not 2 (20 %, over the 15 % asked)
+    assert (small > choose_refer_threshold(small, coverage=0.85)).sum() == 1
 
 
 def _selective_data(n: int, seed: int, informative: bool):

@@ -286,7 +286,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, n: int = 8, *, intensity:
             out = []
             for start in range(0, len(images), batch_size):
                 xb = images[start : start + batch_size].to(device, non_blocking=True)
-                if True:
+                if k > 0:
                     xb = aug(xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float())
                 xb = normalize_batch(xb, intensity)
                 if channels_last:
