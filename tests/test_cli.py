@@ -113,6 +113,20 @@ def test_predict_prints_one_json_per_file(trained_run, kermany, shared_data, cap
         assert r["model_id"] == card["model_id"]
 
 
+@pytest.mark.parametrize(("method", "passes"), [("mc", 20), ("tta", 8)])
+def test_predict_with_uncertainty_adds_the_spread(trained_run, kermany, capsys, method, passes):
+    files = [str(p) for p in sorted((kermany / "test" / "PNEUMONIA").iterdir())[:3]]
+    assert main(["predict", str(trained_run), *files, "--uncertainty", method]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    for r in lines:
+        u = r["uncertainty"]
+        assert u["method"] == method and u["passes"] == passes
+        assert 0 <= u["predictive_entropy"] <= np.log(2) + 1e-6 and u["variance"] >= 0
+        assert u["mutual_information"] <= u["predictive_entropy"] + 1e-6
+    assert any(r["uncertainty"]["variance"] > 0 for r in lines)  # the passes really differ
+
+
 def test_same_seed_on_cpu_gives_identical_metrics(small_cxr, tmp_path, trained_run):
     run = tmp_path / "again"
     assert main(["train", str(small_cxr), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0

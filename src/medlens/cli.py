@@ -82,7 +82,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medlens.inference import Predictor, to_json_lines
 
     predictor = Predictor.from_run(args.run, device=args.device)
-    results = predictor.predict(args.files)
+    results = predictor.predict(args.files, uncertainty=args.uncertainty)
     print(to_json_lines(results))
     return 1 if any("error" in r for r in results) else 0
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", metavar="RUN")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default="auto")
+    r.add_argument("--uncertainty", choices=["mc", "tta"], default=None,
+                   help="add the spread over MC-dropout (mc) or test-time-augmentation (tta) passes")
     r.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("models", help="list the registered architectures")

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
-from medlens.errors import DataError
+from medlens.errors import ConfigError, DataError
 from medlens.models.card import ModelCard, load_checkpoint, normalize_batch
 
 
@@ -86,9 +86,30 @@ class Predictor:
         logits = predict_logits(self.model, images, intensity=self.card.intensity, device=self.device)
         return probabilities(logits, self.card.temperature)[:, self.card.positive_class]
 
-    def predict(self, paths: list[str | Path]) -> list[dict]:
-        """One result per file: probability, label at the operating point, threshold, model id.
-        Unreadable files give a result with an ``error`` field instead of stopping the batch."""
+    def predict_with_uncertainty(self, images: torch.Tensor, method: str, passes: int | None = None
+                                 ) -> dict[str, np.ndarray]:
+        """Mean positive-class probability over stochastic passes plus their spread.
+
+        ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the first unchanged)."""
+        from medlens import uncertainty as unc
+
+        kw = {"intensity": self.card.intensity, "device": self.device}
+        if method == "mc":
+            logits = unc.mc_dropout_logits(self.model, images, passes or 20, **kw)
+        elif method == "tta":
+            logits = unc.tta_logits(self.model, images, passes or 8, **kw)
+        else:
+            raise ConfigError(f"unknown uncertainty method '{method}'", hint="choose mc or tta")
+        summary = unc.summarise(unc.member_probabilities(logits, self.card.temperature),
+                                positive_class=self.card.positive_class)
+        return {"probability": summary["positive_prob"], "predictive_entropy": summary["predictive_entropy"],
+                "mutual_information": summary["mutual_information"], "variance": summary["positive_variance"],
+                "passes": np.full(len(images), logits.shape[0])}
+
+    def predict(self, paths: list[str | Path], uncertainty: str | None = None) -> list[dict]:
+        """One result per file: probability, label at the operating point, threshold, model id (and, with
+        ``uncertainty``, the spread over MC-dropout or TTA passes). Unreadable files give a result with an
+        ``error`` field instead of stopping the batch."""
         results: list[dict] = []
         batch, where = [], []
         for path in paths:
@@ -101,8 +122,13 @@ class Predictor:
             results.append({"path": str(path)})
             batch.append(self.prepare(image))
         if batch:
-            probs = self.predict_images(torch.cat(batch))
-            for i, p in zip(where, probs, strict=True):
+            extra: dict[str, np.ndarray] = {}
+            if uncertainty:
+                extra = self.predict_with_uncertainty(torch.cat(batch), uncertainty)
+                probs = extra.pop("probability")
+            else:
+                probs = self.predict_images(torch.cat(batch))
+            for j, (i, p) in enumerate(zip(where, probs, strict=True)):
                 positive = bool(p >= self.card.threshold)
                 results[i].update({
                     "probability": round(float(p), 6),
@@ -111,6 +137,9 @@ class Predictor:
                     "threshold": round(float(self.card.threshold), 6),
                     "model_id": self.card.model_id,
                 })
+                if extra:
+                    results[i]["uncertainty"] = {"method": uncertainty, **{
+                        k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}}
         return results
 
 
