@@ -127,6 +127,28 @@ def test_predict_with_uncertainty_adds_the_spread(trained_run, kermany, capsys, 
     assert any(r["uncertainty"]["variance"] > 0 for r in lines)  # the passes really differ
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "occlusion"])
+def test_explain_writes_an_overlay_at_the_image_size(trained_run, kermany, tmp_path, capsys, method):
+    from PIL import Image
+
+    src = sorted((kermany / "test" / "PNEUMONIA").iterdir())[0]
+    out = tmp_path / f"{method}.png"
+    assert main(["explain", str(trained_run), str(src), "--method", method, "--out", str(out), "--array"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["overlay"] == str(out) and info["explained_class"] in ("NORMAL", "PNEUMONIA")
+    picture = np.asarray(Image.open(out))
+    assert picture.shape == (*np.asarray(Image.open(src)).shape[:2], 3)
+    assert np.abs(picture[..., 0].astype(int) - picture[..., 2].astype(int)).mean() > 1  # coloured, not grey
+    cam = np.load(out.with_suffix(".npy"))
+    assert cam.shape == (32, 32) and 0 <= cam.min() and cam.max() <= 1
+
+
+def test_explain_unknown_method_is_one_message(trained_run, kermany, tmp_path, capsys):
+    src = sorted((kermany / "test" / "NORMAL").iterdir())[0]
+    assert main(["explain", str(trained_run), str(src), "--method", "gradcamm", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown explanation method 'gradcamm'" in _err(capsys)
+
+
 def test_same_seed_on_cpu_gives_identical_metrics(small_cxr, tmp_path, trained_run):
     run = tmp_path / "again"
     assert main(["train", str(small_cxr), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
@@ -297,3 +319,22 @@ def test_data_list_names_the_public_data_sets(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "chest_xray" in out and "pneumoniamnist" in out
+
+
+def test_temperature_is_fitted_on_held_apart_validation_and_reported_on_test(small_cxr, kermany, tmp_path, capsys):
+    data = tmp_path / "data"
+    _link_subset(kermany, data, {"train": 150, "test": 20})
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    card = json.loads((run / "model.card.json").read_text())
+    cal = card["metrics"]["calibration"]
+    split = json.loads((run / "split.json").read_text())
+    # half of the validation images fit the temperature; the other half chose the epoch and the threshold
+    assert cal["n"] >= 20 and cal["n"] + card["metrics"]["val"]["n"] == split["val"]["n"]
+    assert card["temperature"] == pytest.approx(cal["temperature"]) and card["temperature"] != 1.0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-6  # what the fit minimises (ECE need not fall on 22 images)
+    assert main(["evaluate", str(run), "--data", str(data), "--bootstrap", "50", "--no-progress"]) == 0
+    test = json.loads((run / "eval" / "test" / "metrics.json").read_text())["calibration"]
+    worse = test["ECE with scaling"] > test["ECE without scaling"]
+    assert ("WORSE" in test["verdict"]) == worse
+    assert "calibration" in (run / "eval" / "test" / "report.html").read_text().lower()

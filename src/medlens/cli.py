@@ -1,4 +1,4 @@
-"""`medlens` command line: train | evaluate | predict | models | recipes | data | run.
+"""`medlens` command line: train | evaluate | predict | explain | models | recipes | data | run.
 
 User mistakes surface as one message (no traceback) and exit code 2; unexpected failures print one line and
 keep the full traceback in a file, so a user never has to read a stack to learn what to do.
@@ -87,6 +87,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Heat map of where the model looked, over the original image (PNG), plus the map as .npy if asked."""
+    import numpy as np
+
+    from medlens.data.readers import read_image
+    from medlens.explain import explain, save_overlay
+    from medlens.inference import Predictor
+    from medlens.models.card import normalize_batch
+
+    predictor = Predictor.from_run(args.run, device=args.device)
+    card = predictor.card
+    image, _meta = read_image(args.file)
+    batch = predictor.prepare(image)
+    x = normalize_batch(batch.to(predictor.device), card.intensity)
+    result = explain(predictor.model, x, args.method, target=args.target)
+    cam = result.maps[0].detach().cpu().numpy()
+    out = Path(args.out) if args.out else Path(f"{Path(args.file).stem}.{args.method}.png")
+    save_overlay(out, image, cam, alpha=args.alpha)
+    if args.array:
+        np.save(out.with_suffix(".npy"), cam.astype(np.float32))
+    prob = float(predictor.predict_images(batch)[0])
+    target = int(result.targets[0])
+    print(json.dumps({"path": str(args.file), "method": args.method, "overlay": str(out),
+                      "explained_class": card.class_names[target], "probability": round(prob, 6),
+                      "threshold": round(card.threshold, 6), "model_id": card.model_id}))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from medlens.models import list_models, model_info
 
@@ -172,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--uncertainty", choices=["mc", "tta"], default=None,
                    help="add the spread over MC-dropout (mc) or test-time-augmentation (tta) passes")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("explain", help="heat map of where the model looked (Grad-CAM family, occlusion)")
+    x.add_argument("run", metavar="RUN")
+    x.add_argument("file", metavar="FILE")
+    x.add_argument("--method", default="gradcam", help="gradcam, gradcam++, scorecam or occlusion")
+    x.add_argument("--out", default=None, metavar="PNG", help="overlay to write (default FILE-stem.METHOD.png)")
+    x.add_argument("--target", type=int, default=None, help="class index to explain (default: the predicted one)")
+    x.add_argument("--alpha", type=float, default=0.4, help="heat-map opacity in the overlay")
+    x.add_argument("--array", action="store_true", help="also write the map as a .npy array beside the PNG")
+    x.add_argument("--device", default="auto")
+    x.set_defaults(func=cmd_explain)
 
     m = sub.add_parser("models", help="list the registered architectures")
     m.add_argument("pattern", nargs="?", default="*")

@@ -75,6 +75,8 @@ class TrainConfig:
 class EvalConfig:
     threshold_policy: str = "sensitivity"  # sensitivity | youden | fixed
     target_sensitivity: float = 0.95  # for policy `sensitivity`; the threshold itself for `fixed`
+    # share of validation patients held apart to fit the temperature (not used to choose the epoch/threshold)
+    calibration_fraction: float = 0.5
     n_bootstrap: int = 1000
     ece_bins: int = 15
     n_error_examples: int = 8  # per error type in the report gallery

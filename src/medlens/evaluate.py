@@ -18,8 +18,8 @@ from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
 from medlens.data.split import patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
-from medlens.inference import Predictor
-from medlens.metrics import metrics_with_ci, subgroup_sensitivity
+from medlens.inference import Predictor, predict_logits, probabilities
+from medlens.metrics import expected_calibration_error, metrics_with_ci, subgroup_sensitivity
 from medlens.models.card import jsonable
 from medlens.report import write_report
 
@@ -57,6 +57,25 @@ def _patients_seen_in_training(run_dir: Path) -> set[str]:
     return set(manifest.get("train", {}).get("patients", [])) | set(manifest.get("val", {}).get("patients", []))
 
 
+def _calibration_summary(predictor: Predictor, images, y: np.ndarray, prob: np.ndarray, cfg: Config) -> dict:
+    """ECE on this split without and with the card's temperature, said plainly either way."""
+    card = predictor.card
+    if card.temperature == 1.0:
+        return {}
+    logits = predict_logits(predictor.model, images, intensity=card.intensity, device=predictor.device)
+    raw = probabilities(logits, 1.0)[:, card.positive_class]
+    before = expected_calibration_error(y, raw, cfg.eval.ece_bins)
+    after = expected_calibration_error(y, prob, cfg.eval.ece_bins)
+    fitted = card.metrics.get("calibration", {})
+    verdict = ("temperature scaling improved calibration on this split" if after < before else
+               "temperature scaling, fitted on in-distribution validation data, made calibration on this split "
+               "WORSE: a sign that this split is shifted from the training data (see the reliability diagram)")
+    return {"temperature": round(card.temperature, 4), "ECE without scaling": round(before, 4),
+            "ECE with scaling": round(after, 4), "verdict": verdict,
+            "fitted on": f"{fitted.get('n', '?')} held-apart validation images (ECE there "
+                         f"{fitted.get('ece_before', float('nan')):.4f} -> {fitted.get('ece_after', float('nan')):.4f})"}
+
+
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, progress: bool = True,
              n_bootstrap: int | None = None) -> dict:
     run_dir = Path(run_dir)
@@ -83,6 +102,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     n_boot = n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap
     metrics = metrics_with_ci(y, prob, threshold, n_boot=n_boot, seed=cfg.train.seed)
 
+    calibration = _calibration_summary(predictor, loaded.images, y, prob, cfg)
     pred = (prob >= threshold).astype(int)
     subtypes = [table.meta[i].get("subtype") for i in loaded.keep]
     subgroups = None
@@ -111,9 +131,12 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
                   "validation AUC": round(card.metrics.get("val", {}).get("auc", float("nan")), 4),
                   "split hash": card.split_hash[:16]},
     }
+    if calibration:
+        summary["calibration"] = calibration
     out = run_dir / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "split": split, "model_id": card.model_id, "subgroups": subgroups,
+              "calibration": calibration,
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
     with (out / "predictions.csv").open("w", newline="") as f:

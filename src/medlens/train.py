@@ -35,9 +35,10 @@ from medlens.data.split import assert_patient_disjoint, patient_grouped_split, s
 from medlens.errors import DataError
 from medlens.inference import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
-from medlens.metrics import binary_metrics, choose_threshold
+from medlens.metrics import binary_metrics, choose_threshold, expected_calibration_error
 from medlens.models import create_model
 from medlens.models.card import ModelCard, normalize_batch, save_checkpoint
+from medlens.uncertainty import calibration_split, fit_temperature
 
 log = logging.getLogger("medlens.train")
 RESUME_FILE = "last.ckpt"
@@ -110,6 +111,40 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     return loss.detach()
 
 
+def _selection_and_calibration(cfg: Config, y_val: np.ndarray, patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Validation positions for choosing the epoch and threshold, and a patient-disjoint part held apart for
+    fitting the temperature. Without enough data (or eval.calibration_fraction=0) all of it selects."""
+    everything = np.arange(len(y_val))
+    if cfg.eval.calibration_fraction <= 0:
+        return everything, everything[:0]
+    try:
+        select, calib = calibration_split(everything, y_val, patients, fraction=cfg.eval.calibration_fraction,
+                                          seed=cfg.train.seed)
+    except DataError as exc:
+        log.warning("no calibration split (%s): temperature stays 1", exc.message)
+        return everything, everything[:0]
+    if len(np.unique(y_val[calib])) < 2 or len(np.unique(y_val[select])) < 2 or len(calib) < 20:
+        log.warning("validation split too small to hold out a calibration part: temperature stays 1")
+        return everything, everything[:0]
+    return np.sort(select), np.sort(calib)
+
+
+def _fit_calibration(logits: torch.Tensor, y: np.ndarray, calib: np.ndarray, cfg: Config) -> tuple[float, dict]:
+    if len(calib) == 0:
+        return 1.0, {"temperature": 1.0, "n": 0, "note": "no held-apart calibration data"}
+    temperature = fit_temperature(logits[calib], y[calib])
+    before = expected_calibration_error(y[calib], probabilities(logits[calib], 1.0)[:, 1], cfg.eval.ece_bins)
+    after = expected_calibration_error(y[calib], probabilities(logits[calib], temperature)[:, 1], cfg.eval.ece_bins)
+    target = torch.from_numpy(np.asarray(y[calib], dtype=np.int64))
+    nll = [float(torch.nn.functional.cross_entropy(logits[calib] / t, target)) for t in (1.0, temperature)]
+    log.info("temperature %.3f fitted on %d held-apart validation images: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+             temperature, len(calib), nll[0], nll[1], before, after)
+    return float(temperature), {"temperature": float(temperature), "n": int(len(calib)),
+                                "nll_before": nll[0], "nll_after": nll[1],
+                                "ece_before": float(before), "ece_after": float(after),
+                                "method": "temperature scaling (NLL, LBFGS) on the held-apart validation half"}
+
+
 def fit(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = False,
         progress: bool = True) -> ModelCard:
     run_dir = Path(run_dir)
@@ -151,6 +186,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     y_train = torch.from_numpy(table.labels[loaded["train"].keep]).to(device)
     x_val = loaded["val"].images
     y_val = table.labels[loaded["val"].keep]
+    select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
     n, classes = len(x_train), table.classes
     if n < tc.batch_size:
         raise DataError(f"{data}: only {n} training images, fewer than one batch ({tc.batch_size})",
@@ -227,7 +263,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
                                              batch_size=tc.eval_batch_size, amp=tc.amp))[:, 1]
-        val_auc = _auc(y_val, p_val)
+        val_auc = _auc(y_val[select], p_val[select])
         improved = val_auc > state["best_auc"] + 1e-4
         if improved:
             state.update(best_auc=val_auc, best_epoch=epoch + 1, bad_epochs=0)
@@ -255,17 +291,21 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         resume_path.with_suffix(".tmp").replace(resume_path)
     metrics_file.close()
 
-    # The operating point is chosen on validation with the best epoch's weights, then frozen into the card.
+    # With the best epoch's weights: the temperature is fitted on the calibration half of validation (data the
+    # epoch was not chosen on), then the operating point is chosen on the selection half; both go into the card.
     model.load_state_dict(best_weights)
-    p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
-                                         batch_size=tc.eval_batch_size, amp=tc.amp))[:, 1]
-    threshold = choose_threshold(y_val, p_val, policy=cfg.eval.threshold_policy, target=cfg.eval.target_sensitivity)
-    val_metrics = binary_metrics(y_val, p_val, threshold)
+    logits_val = predict_logits(model, x_val, intensity=card.intensity, device=device,
+                                batch_size=tc.eval_batch_size, amp=tc.amp)
+    card.temperature, calibration = _fit_calibration(logits_val, y_val, calib, cfg)
+    p_val = probabilities(logits_val, card.temperature)[:, 1]
+    threshold = choose_threshold(y_val[select], p_val[select], policy=cfg.eval.threshold_policy,
+                                 target=cfg.eval.target_sensitivity)
+    val_metrics = binary_metrics(y_val[select], p_val[select], threshold)
     card.threshold = float(threshold)
     card.threshold_policy = (f"{cfg.eval.threshold_policy} (target {cfg.eval.target_sensitivity})"
-                             f" on the patient-grouped validation split, n={len(y_val)}")
+                             f" on the patient-grouped validation split, n={len(select)}")
     card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)
-                            for k, v in val_metrics.items()}}
+                            for k, v in val_metrics.items()}, "calibration": calibration}
     card.epoch = state["best_epoch"]
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model.cpu()
