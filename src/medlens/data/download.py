@@ -504,19 +504,17 @@ def _safe_target(archive: Path, root: Path, name: str) -> Path:
     return target
 
 
+def _extract_bar(archive: Path, n: int, progress: bool) -> tqdm:
+    return tqdm(total=n, unit="file", desc=f"extracting {archive.name}", file=sys.stderr, disable=not progress,
+                leave=False)
+
+
 def _extract_zip(archive: Path, dest_dir: Path, progress: bool) -> None:
     root = dest_dir.resolve()
     with zipfile.ZipFile(archive) as zf:
         members = [(info, _safe_target(archive, root, info.filename)) for info in zf.infolist()]
         members = [(info, target) for info, target in members if not _skip_member(info.filename)]
-        with tqdm(
-            total=len(members),
-            unit="file",
-            desc=f"extracting {archive.name}",
-            file=sys.stderr,
-            disable=not progress,
-            leave=False,
-        ) as bar:
+        with _extract_bar(archive, len(members), progress) as bar:
             for info, target in members:
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
@@ -548,14 +546,7 @@ def _extract_tar(archive: Path, dest_dir: Path, progress: bool) -> None:
             if not _skip_member(member.name):
                 members.append(member)
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        with tqdm(
-            total=len(members),
-            unit="file",
-            desc=f"extracting {archive.name}",
-            file=sys.stderr,
-            disable=not progress,
-            leave=False,
-        ) as bar:
+        with _extract_bar(archive, len(members), progress) as bar:
             for member in members:
                 try:
                     tf.extract(member, dest_dir, **extra)
