@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from medlens.config import Config, config_from_dict
@@ -20,7 +21,7 @@ from medlens.data.split import patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
 from medlens.inference import Predictor, predict_logits, probabilities
 from medlens.metrics import expected_calibration_error, metrics_with_ci, subgroup_sensitivity
-from medlens.models.card import jsonable
+from medlens.models.card import ModelCard, jsonable
 from medlens.report import write_report
 
 log = logging.getLogger("medlens.evaluate")
@@ -57,12 +58,10 @@ def _patients_seen_in_training(run_dir: Path) -> set[str]:
     return set(manifest.get("train", {}).get("patients", [])) | set(manifest.get("val", {}).get("patients", []))
 
 
-def _calibration_summary(predictor: Predictor, images, y: np.ndarray, prob: np.ndarray, cfg: Config) -> dict:
+def _calibration_summary(card: ModelCard, logits: torch.Tensor, y: np.ndarray, prob: np.ndarray, cfg: Config) -> dict:
     """ECE on this split without and with the card's temperature, said plainly either way."""
-    card = predictor.card
     if card.temperature == 1.0:
         return {}
-    logits = predict_logits(predictor.model, images, intensity=card.intensity, device=predictor.device)
     raw = probabilities(logits, 1.0)[:, card.positive_class]
     before = expected_calibration_error(y, raw, cfg.eval.ece_bins)
     after = expected_calibration_error(y, prob, cfg.eval.ece_bins)
@@ -97,12 +96,13 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     loaded = cache.load(table, idx, card.input_size, strict=cfg.data.strict, progress=progress)
     y = table.labels[loaded.keep].astype(int)
-    prob = predictor.predict_images(loaded.images)
+    logits = predict_logits(predictor.model, loaded.images, intensity=card.intensity, device=predictor.device)
+    prob = probabilities(logits, card.temperature)[:, card.positive_class]
     threshold = card.threshold
     n_boot = n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap
     metrics = metrics_with_ci(y, prob, threshold, n_boot=n_boot, seed=cfg.train.seed)
 
-    calibration = _calibration_summary(predictor, loaded.images, y, prob, cfg)
+    calibration = _calibration_summary(card, logits, y, prob, cfg)
     pred = (prob >= threshold).astype(int)
     subtypes = [table.meta[i].get("subtype") for i in loaded.keep]
     subgroups = None
