@@ -101,13 +101,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     image, _meta = read_image(args.file)
     batch = predictor.prepare(image)
     x = normalize_batch(batch.to(predictor.device), card.intensity)
-    result = explain(predictor.model, x, args.method, target=args.target)
+    prob = float(predictor.predict_images(batch)[0])
+    # Explain the label the user is shown (at the card's operating threshold), not the arg-max class.
+    target = args.target
+    if target is None:
+        target = card.positive_class if prob >= card.threshold else 1 - card.positive_class
+    result = explain(predictor.model, x, args.method, target=target)
     cam = result.maps[0].detach().cpu().numpy()
     out = Path(args.out) if args.out else Path(f"{Path(args.file).stem}.{args.method}.png")
     save_overlay(out, image, cam, alpha=args.alpha)
     if args.array:
         np.save(out.with_suffix(".npy"), cam.astype(np.float32))
-    prob = float(predictor.predict_images(batch)[0])
     target = int(result.targets[0])
     print(json.dumps({"path": str(args.file), "method": args.method, "overlay": str(out),
                       "explained_class": card.class_names[target], "probability": round(prob, 6),
