@@ -458,7 +458,16 @@ def test_explicit_path_wins_and_must_exist(tmp_path, monkeypatch):
         resolve_dataset("chest_xray", data_arg=str(missing), search_from=tmp_path)
 
 
-def test_env_vars_then_shared_then_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def search_only_inside_tmp(tmp_path, monkeypatch):
+    """The upward search for shared/data must not escape the test's folder: a real shared/ above the
+    temporary directory (a CI clone in /tmp with /tmp/shared beside it) would otherwise be found."""
+    real = dl._shared_data_roots
+    monkeypatch.setattr(dl, "_shared_data_roots",
+                        lambda search_from: [r for r in real(search_from) if r.is_relative_to(tmp_path)])
+
+
+def test_env_vars_then_shared_then_cache(tmp_path, monkeypatch, search_only_inside_tmp):
     offline = dict(offline=True, cache_dir=tmp_path / "cache")
     repo = tmp_path / "work" / "main"
     repo.mkdir(parents=True)
@@ -485,7 +494,7 @@ def test_env_vars_then_shared_then_cache(tmp_path, monkeypatch):
         resolve_dataset("chest_xray", search_from=repo, **offline)
 
 
-def test_offline_message_says_what_to_do(tmp_path, monkeypatch):
+def test_offline_message_says_what_to_do(tmp_path, monkeypatch, search_only_inside_tmp):
     monkeypatch.setenv("MEDLENS_OFFLINE", "1")
     with pytest.raises(DataError) as exc:
         resolve_dataset("chest_xray", data_arg=None, cache_dir=tmp_path / "c", search_from=tmp_path)
@@ -496,7 +505,7 @@ def test_offline_message_says_what_to_do(tmp_path, monkeypatch):
     assert "`medlens data fetch chest_xray`" in msg and str(tmp_path / "c" / "chest_xray") in msg
 
 
-def test_unreachable_download_gives_the_same_single_message(tmp_path):
+def test_unreachable_download_gives_the_same_single_message(tmp_path, search_only_inside_tmp):
     registry = _toy_registry(_dead_url())
     with pytest.raises(DataError) as exc:
         resolve_dataset(
@@ -527,5 +536,5 @@ def test_unknown_dataset_is_a_config_error(tmp_path):
 )
 def test_real_shared_copy_is_found_from_the_repository(tmp_path):
     got = resolve_dataset("chest_xray", search_from=REPO / "src", cache_dir=tmp_path, offline=True)
-    assert got == (REPO.parent / "shared" / "data" / "chest_xray").resolve()
+    assert got.resolve() == (REPO.parent / "shared" / "data" / "chest_xray").resolve()
     assert (got / "test" / "PNEUMONIA").is_dir()
