@@ -250,15 +250,14 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         else:
             order = torch.randperm(n, generator=order_gen)
         order = order.to(device)
-        running, bar = 0.0, tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}",
-                                 disable=not progress, leave=False, unit="step")
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}",
+                   disable=not progress, leave=False, unit="step")
         for step in bar:
             idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
             loss = train_step(step_model, x_train[idx], y_train[idx], augment=augment, loss_fn=loss_fn,
                               optimizer=optimizer, intensity=card.intensity, amp=tc.amp,
                               channels_last=tc.channels_last)
             scheduler.step()
-            running += loss.item() if step % 10 == 0 or step == steps_per_epoch - 1 else 0.0
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
