@@ -283,10 +283,12 @@ def test_progress_bar_goes_to_stderr_only_when_enabled(server, tmp_path, capsys)
 
 
 def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    # A fixed member date: ``writestr(name, ...)`` stamps the wall clock, so two calls that straddle a
+    # two-second boundary made different bytes (a flaky checksum comparison in CI).
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in members.items():
-            zf.writestr(name, data)
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), data)
     return buf.getvalue()
 
 
