@@ -57,6 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe if args.recipe != "auto" else _auto_recipe(str(data)), args.set)
     if args.strict:
         cfg.data.strict = True
+    if args.ensemble is not None:
+        cfg.train.ensemble = args.ensemble
     card = fit(cfg, data, run, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"run": str(run), "model_id": card.model_id, "best_epoch": card.epoch,
                       "val_auc": card.metrics.get("val", {}).get("auc"), "threshold": card.threshold}))
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                    "e.g. train.epochs=5")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.ckpt")
     t.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    t.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="train a deep ensemble of K members (seeds seed..seed+K-1) into one run")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", metavar="RUN")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default="auto")
-    r.add_argument("--uncertainty", choices=["mc", "tta"], default=None,
+    r.add_argument("--uncertainty", choices=["mc", "tta", "ensemble"], default=None,
                    help="add the spread over MC-dropout (mc) or test-time-augmentation (tta) passes")
     r.set_defaults(func=cmd_predict)
 

@@ -68,6 +68,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (CUDA)
     num_threads: int = 0  # CPU threads for torch; 0 = all cores
     eval_batch_size: int = 256
+    # deep ensemble: members trained with seeds seed, seed+1, ... on the same split (`--ensemble K`)
+    ensemble: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -80,6 +82,15 @@ class EvalConfig:
     n_bootstrap: int = 1000
     ece_bins: int = 15
     n_error_examples: int = 8  # per error type in the report gallery
+    # referral ("refer to a radiologist"): keep this share of held-apart validation images, refer the rest
+    refer_coverage: float = 0.9
+    mc_passes: int = 20
+    tta_passes: int = 8
+    # explanations in the report: method, images per kind in the CAM gallery, images sampled for faithfulness
+    cam_method: str = "gradcam"
+    n_cam_examples: int = 4
+    n_faithfulness: int = 64
+    faithfulness_steps: int = 20
 
 
 @dataclass

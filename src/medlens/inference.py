@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
-from medlens.errors import ConfigError, DataError
+from medlens.errors import DataError
 from medlens.models.card import ModelCard, load_checkpoint, normalize_batch
 
 
@@ -86,30 +86,40 @@ class Predictor:
         logits = predict_logits(self.model, images, intensity=self.card.intensity, device=self.device)
         return probabilities(logits, self.card.temperature)[:, self.card.positive_class]
 
-    def predict_with_uncertainty(self, images: torch.Tensor, method: str, passes: int | None = None
+    def predict_with_uncertainty(self, images: torch.Tensor, method: str = "softmax", passes: int | None = None
                                  ) -> dict[str, np.ndarray]:
-        """Mean positive-class probability over stochastic passes plus their spread.
+        """Calibrated positive-class probability plus its uncertainty (``medlens.uncertainty.predictive``).
 
-        ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the first unchanged)."""
-        from medlens import uncertainty as unc
+        ``softmax``: one pass; ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the
+        first unchanged); ``ensemble``: the members of an ensemble run. Adds ``refer`` (bool) where the card
+        holds a referral threshold for ``method``."""
+        from medlens.uncertainty import predictive
 
-        kw = {"intensity": self.card.intensity, "device": self.device}
-        if method == "mc":
-            logits = unc.mc_dropout_logits(self.model, images, passes or 20, **kw)
-        elif method == "tta":
-            logits = unc.tta_logits(self.model, images, passes or 8, **kw)
-        else:
-            raise ConfigError(f"unknown uncertainty method '{method}'", hint="choose mc or tta")
-        summary = unc.summarise(unc.member_probabilities(logits, self.card.temperature),
-                                positive_class=self.card.positive_class)
-        return {"probability": summary["positive_prob"], "predictive_entropy": summary["predictive_entropy"],
-                "mutual_information": summary["mutual_information"], "variance": summary["positive_variance"],
-                "passes": np.full(len(images), logits.shape[0])}
+        refer = self.card.refer or {}
+        out = predictive(self.model, images, method, intensity=self.card.intensity,
+                         temperature=self.card.temperature, positive_class=self.card.positive_class,
+                         mc_passes=passes or int(refer.get("mc_passes", 20)),
+                         tta_passes=passes or int(refer.get("tta_passes", 8)), device=self.device)
+        threshold = (refer.get("thresholds") or {}).get(method)
+        if threshold is not None:
+            out["refer"] = out["predictive_entropy"] > float(threshold)
+        return out
+
+    def refer_note(self, method: str) -> str:
+        """What ``refer`` means for ``method``, in words (for JSON output and the viewer)."""
+        refer = self.card.refer or {}
+        threshold = (refer.get("thresholds") or {}).get(method)
+        if threshold is None:
+            return f"no referral policy for '{method}' in this model card"
+        share = 1 - float(refer.get("coverage", 0.9))
+        return (f"refer when the predictive entropy ({method}) exceeds {float(threshold):.4g} nats: the most "
+                f"uncertain {share:.0%} of {refer.get('n', '?')} held-apart validation images")
 
     def predict(self, paths: list[str | Path], uncertainty: str | None = None) -> list[dict]:
-        """One result per file: probability, label at the operating point, threshold, model id (and, with
-        ``uncertainty``, the spread over MC-dropout or TTA passes). Unreadable files give a result with an
-        ``error`` field instead of stopping the batch."""
+        """One result per file: calibrated probability, label at the operating point, threshold, model id,
+        ``refer`` (the card's referral policy for the chosen uncertainty method; ``softmax`` by default) and,
+        with ``uncertainty`` (mc | tta | ensemble), the spread over the passes. Unreadable files give a result
+        with an ``error`` field instead of stopping the batch."""
         results: list[dict] = []
         batch, where = [], []
         for path in paths:
@@ -122,12 +132,10 @@ class Predictor:
             results.append({"path": str(path)})
             batch.append(self.prepare(image))
         if batch:
-            extra: dict[str, np.ndarray] = {}
-            if uncertainty:
-                extra = self.predict_with_uncertainty(torch.cat(batch), uncertainty)
-                probs = extra.pop("probability")
-            else:
-                probs = self.predict_images(torch.cat(batch))
+            method = uncertainty or "softmax"
+            extra = self.predict_with_uncertainty(torch.cat(batch), method)
+            probs = extra.pop("probability")
+            refer = extra.pop("refer", None)
             for j, (i, p) in enumerate(zip(where, probs, strict=True)):
                 positive = bool(p >= self.card.threshold)
                 results[i].update({
@@ -135,11 +143,11 @@ class Predictor:
                     "label": self.card.class_names[self.card.positive_class if positive else 1 - self.card.positive_class],
                     "positive": positive,
                     "threshold": round(float(self.card.threshold), 6),
+                    "refer": None if refer is None else bool(refer[j]),
                     "model_id": self.card.model_id,
+                    "uncertainty": {"method": method, **{
+                        k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}},
                 })
-                if extra:
-                    results[i]["uncertainty"] = {"method": uncertainty, **{
-                        k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}}
         return results
 
 

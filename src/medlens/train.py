@@ -17,7 +17,9 @@ import logging
 import math
 import platform
 import random
+import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,14 +32,15 @@ import medlens
 from medlens.config import Config
 from medlens.data.augment import BatchAugment
 from medlens.data.cache import TensorCache
-from medlens.data.sources import discover
+from medlens.data.sources import SampleTable, discover
 from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
-from medlens.errors import DataError
+from medlens.errors import ConfigError, DataError
 from medlens.inference import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
 from medlens.metrics import binary_metrics, choose_threshold, expected_calibration_error
 from medlens.models import create_model
-from medlens.models.card import ModelCard, normalize_batch, save_checkpoint
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
+from medlens.models.ensemble import ENSEMBLE, Ensemble, ensemble_spec
 from medlens.uncertainty import calibration_split, fit_temperature
 
 log = logging.getLogger("medlens.train")
@@ -157,11 +160,28 @@ def fit(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = Fa
         handler.close()
 
 
+@dataclass
+class _Data:
+    """What every ensemble member trains and is validated on (loaded once)."""
+
+    table: SampleTable
+    loaded: dict
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: np.ndarray
+    select: np.ndarray
+    calib: np.ndarray
+    counts: torch.Tensor
+
+
 def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress: bool) -> ModelCard:
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    if tc.ensemble < 1:
+        raise ConfigError(f"train.ensemble={tc.ensemble} must be >= 1", hint="use --ensemble K with K >= 2")
     seed_everything(tc.seed)
     if device.type == "cpu":
         # Same seed, same machine -> identical metrics; CPU kernels are deterministic once this is on.
@@ -182,20 +202,72 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         log.warning("skipped %d unreadable image(s): %s. Full list: %s (use --strict to stop instead)",
                     len(skipped), names, run_dir / "skipped.txt")
 
-    x_train = loaded["train"].images.to(device)
-    y_train = torch.from_numpy(table.labels[loaded["train"].keep]).to(device)
-    x_val = loaded["val"].images
     y_val = table.labels[loaded["val"].keep]
     select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
-    n, classes = len(x_train), table.classes
+    d = _Data(table=table, loaded=loaded, x_train=loaded["train"].images.to(device),
+              y_train=torch.from_numpy(table.labels[loaded["train"].keep]).to(device),
+              x_val=loaded["val"].images, y_val=y_val, select=select, calib=calib, counts=torch.zeros(0))
+    n = len(d.x_train)
     if n < tc.batch_size:
         raise DataError(f"{data}: only {n} training images, fewer than one batch ({tc.batch_size})",
                         hint="lower --set train.batch_size=... or add images")
-    counts = torch.bincount(y_train, minlength=len(classes)).cpu()
-    log.info("data %s: train %d %s, val %d, classes %s, device %s", data, n, counts.tolist(), len(x_val),
-             classes, device)
+    d.counts = torch.bincount(d.y_train, minlength=len(table.classes)).cpu()
+    log.info("data %s: train %d %s, val %d, classes %s, device %s", data, n, d.counts.tolist(), len(d.x_val),
+             table.classes, device)
 
-    model = create_model(cfg.model.name, num_classes=len(classes), in_chans=1, **cfg.model.args)
+    def new_card(model_name: str, model_args: dict) -> ModelCard:
+        return ModelCard(
+            model_name=model_name, model_args=model_args, class_names=list(table.classes),
+            input_size=cfg.data.image_size, in_chans=1, positive_class=1,
+            data_fingerprint=table.fingerprint(), split_hash=manifest["hash"], recipe=cfg.recipe,
+            config=cfg.to_dict(), versions=versions(),
+        )
+
+    intensity = new_card(cfg.model.name, {}).intensity
+    if tc.ensemble == 1:
+        model, state = _train_member(cfg, d, run_dir, device, seed=tc.seed, resume=resume, progress=progress,
+                                     intensity=intensity)
+        return _finalise(model, new_card(cfg.model.name, dict(cfg.model.args)), state, cfg, d, run_dir, device)
+
+    # A deep ensemble: members differ only in their seed (initialisation, batch order, augmentation) and share
+    # the split, so the selection / calibration halves of validation stay untouched by every member.
+    members = []
+    for k in range(tc.ensemble):
+        member_dir = run_dir / "members" / str(k)
+        member_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "split.json"):  # each member is a run of its own: `medlens evaluate` works
+            shutil.copyfile(run_dir / name, member_dir / name)
+        finished = member_dir / "model.card.json"
+        if resume and finished.exists():
+            model, _ = load_checkpoint(member_dir, map_location=device)
+            log.info("ensemble member %d/%d: already trained (%s)", k + 1, tc.ensemble, member_dir)
+        else:
+            log.info("ensemble member %d/%d: seed %d", k + 1, tc.ensemble, tc.seed + k)
+            handler = _setup_logging(member_dir)
+            try:
+                model, state = _train_member(cfg, d, member_dir, device, seed=tc.seed + k, resume=resume,
+                                             progress=progress, intensity=intensity)
+                state["member"] = {"index": k, "seed": tc.seed + k}
+                _finalise(model, new_card(cfg.model.name, dict(cfg.model.args)), state, cfg, d, member_dir,
+                          device)
+            finally:
+                logging.getLogger("medlens").removeHandler(handler)
+                handler.close()
+        members.append(model.to(device))
+    spec = ensemble_spec([{"name": cfg.model.name, "args": dict(cfg.model.args)}] * tc.ensemble)
+    ensemble = Ensemble(members)
+    epochs = [ModelCard.load(run_dir / "members" / str(k) / "model.card.json").epoch for k in range(tc.ensemble)]
+    state = {"best_epoch": max(epochs), "member_epochs": epochs}
+    return _finalise(ensemble, new_card(ENSEMBLE, spec), state, cfg, d, run_dir, device)
+
+
+def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *, seed: int, resume: bool,
+                  progress: bool, intensity: str) -> tuple[torch.nn.Module, dict]:
+    """Train one network; returns it with the best epoch's weights loaded, and the training state."""
+    tc = cfg.train
+    seed_everything(seed)
+    n = len(d.x_train)
+    model = create_model(cfg.model.name, num_classes=len(d.table.classes), in_chans=1, **cfg.model.args)
     model.to(device)
     if device.type == "cuda" and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -206,18 +278,14 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(max(1, int(tc.warmup_epochs * steps_per_epoch)), total_steps))
-    loss_fn = make_loss(tc.imbalance, counts, focal_gamma=tc.focal_gamma, label_smoothing=tc.label_smoothing).to(device)
-    order_gen = torch.Generator().manual_seed(tc.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    loss_fn = make_loss(tc.imbalance, d.counts, focal_gamma=tc.focal_gamma,
+                        label_smoothing=tc.label_smoothing).to(device)
+    order_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     augment = BatchAugment(tc.augment, aug_gen)
-    sample_weights = (1.0 / counts.float())[y_train.cpu()] if tc.imbalance == "balanced_sampler" else None
+    sample_weights = (1.0 / d.counts.float())[d.y_train.cpu()] if tc.imbalance == "balanced_sampler" else None
+    select = d.select
 
-    card = ModelCard(
-        model_name=cfg.model.name, model_args=dict(cfg.model.args), class_names=list(classes),
-        input_size=cfg.data.image_size, in_chans=1, positive_class=1,
-        data_fingerprint=table.fingerprint(), split_hash=manifest["hash"], recipe=cfg.recipe,
-        config=cfg.to_dict(), versions=versions(),
-    )
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None
     resume_path = run_dir / RESUME_FILE
@@ -254,15 +322,15 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
                    disable=not progress, leave=False, unit="step")
         for step in bar:
             idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
-            loss = train_step(step_model, x_train[idx], y_train[idx], augment=augment, loss_fn=loss_fn,
-                              optimizer=optimizer, intensity=card.intensity, amp=tc.amp,
+            loss = train_step(step_model, d.x_train[idx], d.y_train[idx], augment=augment, loss_fn=loss_fn,
+                              optimizer=optimizer, intensity=intensity, amp=tc.amp,
                               channels_last=tc.channels_last)
             scheduler.step()
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        p_val = probabilities(predict_logits(model, x_val, intensity=card.intensity, device=device,
+        p_val = probabilities(predict_logits(model, d.x_val, intensity=intensity, device=device,
                                              batch_size=tc.eval_batch_size, amp=tc.amp))[:, 1]
-        val_auc = _auc(y_val[select], p_val[select])
+        val_auc = _auc(d.y_val[select], p_val[select])
         improved = val_auc > state["best_auc"] + 1e-4
         if improved:
             state.update(best_auc=val_auc, best_epoch=epoch + 1, bad_epochs=0)
@@ -289,11 +357,40 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
                    resume_path.with_suffix(".tmp"))
         resume_path.with_suffix(".tmp").replace(resume_path)
     metrics_file.close()
-
-    # With the best epoch's weights: the temperature is fitted on the calibration half of validation (data the
-    # epoch was not chosen on), then the operating point is chosen on the selection half; both go into the card.
     model.load_state_dict(best_weights)
-    logits_val = predict_logits(model, x_val, intensity=card.intensity, device=device,
+    return model, state
+
+
+def refer_policy(model: torch.nn.Module, images: torch.Tensor, card: ModelCard, cfg: Config,
+                 device: torch.device, *, data: str) -> dict:
+    """The referral thresholds, one per uncertainty method the model supports, chosen on ``images``.
+
+    ``refer = predictive entropy > threshold``, the threshold being the ``eval.refer_coverage`` quantile of
+    the entropies on these (held-apart validation) images: about 10 % of them would be referred."""
+    from medlens.uncertainty import available_methods, choose_refer_threshold, predictive
+
+    ec = cfg.eval
+    thresholds = {}
+    for method in available_methods(model):
+        u = predictive(model, images, method, intensity=card.intensity, temperature=card.temperature,
+                       positive_class=card.positive_class, mc_passes=ec.mc_passes, tta_passes=ec.tta_passes,
+                       device=device)["predictive_entropy"]
+        thresholds[method] = choose_refer_threshold(u, coverage=ec.refer_coverage)
+    log.info("referral thresholds (predictive entropy, coverage %.2f, %d images): %s", ec.refer_coverage,
+             len(images), {k: round(v, 4) for k, v in thresholds.items()})
+    return {"measure": "predictive_entropy", "coverage": ec.refer_coverage, "thresholds": thresholds,
+            "n": int(len(images)), "data": data, "mc_passes": ec.mc_passes, "tta_passes": ec.tta_passes}
+
+
+def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config, d: _Data, run_dir: Path,
+              device: torch.device) -> ModelCard:
+    """Calibrate, choose the operating point and the referral policy, write the checkpoint and its card.
+
+    The temperature and the referral thresholds are fitted on the calibration half of validation (data the
+    epoch was not chosen on), then the operating point is chosen on the selection half."""
+    tc = cfg.train
+    select, calib, y_val = d.select, d.calib, d.y_val
+    logits_val = predict_logits(model, d.x_val, intensity=card.intensity, device=device,
                                 batch_size=tc.eval_batch_size, amp=tc.amp)
     card.temperature, calibration = _fit_calibration(logits_val, y_val, calib, cfg)
     p_val = probabilities(logits_val, card.temperature)[:, 1]
@@ -303,17 +400,23 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     card.threshold = float(threshold)
     card.threshold_policy = (f"{cfg.eval.threshold_policy} (target {cfg.eval.target_sensitivity})"
                              f" on the patient-grouped validation split, n={len(select)}")
+    refer_idx, where = (calib, "held-apart validation half") if len(calib) else (select, "validation split")
+    card.refer = refer_policy(model, d.x_val[torch.from_numpy(refer_idx)], card, cfg, device, data=where)
     card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)
                             for k, v in val_metrics.items()}, "calibration": calibration}
+    if "member" in state:
+        card.metrics["ensemble_member"] = state["member"]
+    if "member_epochs" in state:
+        card.metrics["ensemble"] = {"members": len(state["member_epochs"]), "member_epochs": state["member_epochs"]}
     card.epoch = state["best_epoch"]
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     model.cpu()
     save_checkpoint(model, card, run_dir)
+    table, keep = d.table, d.loaded["val"].keep
     with (run_dir / "val_predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "probability"])
-        writer.writerows([table.items[i], int(y), f"{p:.6f}"] for i, y, p in zip(loaded["val"].keep, y_val, p_val,
-                                                                                    strict=True))
-    log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch, state["best_auc"], threshold,
-             card.threshold_policy)
+        writer.writerows([table.items[i], int(y), f"{p:.6f}"] for i, y, p in zip(keep, y_val, p_val, strict=True))
+    log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch,
+             card.metrics["val"].get("auc", float("nan")), threshold, card.threshold_policy)
     return card

@@ -58,6 +58,9 @@ __all__ = [
     "selective_gain",
     "summarise",
     "tta_logits",
+    "UNCERTAINTY_METHODS",
+    "available_methods",
+    "predictive",
 ]
 
 #: the fitted temperature is clipped to this range (a T outside it means the logits carry no usable signal)
@@ -375,6 +378,73 @@ def summarise(member_probs: ArrayLike, *, positive_class: int = 1) -> dict[str, 
         "mutual_information": np.clip(predictive - expected, 0.0, None),
         "positive_variance": p[:, :, positive_class].var(axis=0),
     }
+
+
+# ------------------------------------------------------------------------------------ one entry point
+#: uncertainty methods a prediction can use; "softmax" is the single deterministic pass (always available)
+UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
+
+
+def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", *, intensity: str,
+               temperature: float = 1.0, positive_class: int = 1, mc_passes: int = 20, tta_passes: int = 8,
+               device: torch.device | None = None, seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Calibrated positive-class probability and its uncertainty for uint8 images ``(N, 1, H, W)``.
+
+    ``method``: ``softmax`` (one deterministic pass; entropy of the calibrated probability), ``mc`` (MC
+    dropout, ``mc_passes``), ``tta`` (``tta_passes``, the first unchanged) or ``ensemble`` (the members of a
+    ``medlens.models.ensemble.Ensemble``: the probability is the calibrated ensemble probability, exactly what
+    ``softmax`` gives for an ensemble; the spread is over members). The temperature (the card's) is applied to
+    every pass. Returns float64 arrays ``probability``, ``predictive_entropy`` (nats: the referral measure),
+    ``mutual_information``, ``variance`` and int ``passes``. Training (the referral policy), ``medlens
+    evaluate``, ``medlens predict`` and the service all call this, so a threshold chosen on one is valid on
+    the others.
+    """
+    from medlens.errors import ConfigError
+    from medlens.inference import predict_logits, probabilities
+    from medlens.models.ensemble import is_ensemble
+
+    device = device or _device_of(model)
+    kw = {"intensity": intensity, "device": device, "batch_size": batch_size}
+    if method == "softmax":
+        p = probabilities(predict_logits(model, images, **kw), temperature)[None]
+        summary = summarise(p, positive_class=positive_class)
+    elif method == "mc":
+        summary = summarise(member_probabilities(mc_dropout_logits(model, images, mc_passes, seed=seed, **kw),
+                                                 temperature), positive_class=positive_class)
+    elif method == "tta":
+        summary = summarise(member_probabilities(tta_logits(model, images, tta_passes, seed=seed, **kw),
+                                                 temperature), positive_class=positive_class)
+    elif method == "ensemble":
+        if not is_ensemble(model):
+            raise ConfigError("--uncertainty ensemble needs an ensemble run",
+                              hint="train one with `medlens train DATA --out RUN --ensemble 5`, or use mc / tta")
+        members = summarise(member_probabilities(ensemble_logits(list(model.members), images, intensity=intensity,
+                                                                     batch_size=batch_size)),
+                            positive_class=positive_class)
+        calibrated = summarise(probabilities(predict_logits(model, images, **kw), temperature)[None],
+                               positive_class=positive_class)
+        summary = {**members, "positive_prob": calibrated["positive_prob"],
+                   "predictive_entropy": calibrated["predictive_entropy"]}
+    else:
+        raise ConfigError(f"unknown uncertainty method {method!r}",
+                          hint=f"choose one of {', '.join(UNCERTAINTY_METHODS)}")
+    passes = {"softmax": 1, "mc": mc_passes, "tta": tta_passes}.get(method) or len(getattr(model, "members", []))
+    return {"probability": summary["positive_prob"], "predictive_entropy": summary["predictive_entropy"],
+            "mutual_information": summary["mutual_information"], "variance": summary["positive_variance"],
+            "passes": np.full(len(images), passes, dtype=np.int64)}
+
+
+def available_methods(model: nn.Module) -> list[str]:
+    """The uncertainty methods ``model`` supports: MC dropout needs dropout, ``ensemble`` an ensemble."""
+    from medlens.models.ensemble import is_ensemble
+
+    methods = ["softmax"]
+    if any(is_dropout(m) and float(getattr(m, "p", 0.0) or 0.0) > 0 for m in model.modules()):
+        methods.append("mc")
+    methods.append("tta")
+    if is_ensemble(model):
+        methods.append("ensemble")
+    return methods
 
 
 # --------------------------------------------------------------------------------- selective prediction

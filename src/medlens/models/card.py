@@ -77,6 +77,9 @@ class ModelCard:
     temperature: float = 1.0
     #: validation metrics of the chosen epoch
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: the "refer to a radiologist" policy chosen on held-apart validation data: the uncertainty measure,
+    #: the target coverage and one threshold per uncertainty method (see ``medlens.train.refer_policy``)
+    refer: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     split_hash: str = ""
     recipe: str = ""
@@ -178,6 +181,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "positive_class": int,
     "temperature": (int, float),
     "metrics": dict,
+    "refer": dict,
     "config": dict,
     "epoch": int,
 }
@@ -279,6 +283,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     from medlens.models import create_model
+    from medlens.models.ensemble import ENSEMBLE, build_ensemble
 
     card_path = _find_card(Path(dir_or_card_path))
     card = ModelCard.load(card_path)
@@ -303,7 +308,10 @@ def load_checkpoint(
         ) from None
     args = {"num_classes": len(card.class_names), "in_chans": card.in_chans, **card.model_args}
     try:
-        model = create_model(card.model_name, **args)
+        if card.model_name == ENSEMBLE:
+            model = build_ensemble(card.model_args, num_classes=len(card.class_names), in_chans=card.in_chans)
+        else:
+            model = create_model(card.model_name, **args)
     except ConfigError as e:
         raise DataError(f"{card_path}: {e.message}", hint=e.hint) from None
     try:
