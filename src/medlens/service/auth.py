@@ -1,0 +1,221 @@
+"""Access control: API keys with roles, and a per-key rate limiter.
+
+Roles are ordered ``viewer < clinician < admin``: a viewer reads predictions, a clinician also submits
+images, an admin also reads the audit trail (:func:`role_allows` answers "may ROLE do what REQUIRED may").
+
+Keys are ``mlk_`` + 32 random bytes (``secrets.token_urlsafe``), shown once when created and stored only as
+their SHA-256 digest. A fast hash is right here, unlike for passwords: slow hashes (scrypt, bcrypt) exist to
+make guessing low-entropy human passwords expensive, but a 256-bit random key cannot be guessed at any hash
+speed, so the digest protects a stolen database just as well, and verifying a key on every request stays a
+microsecond instead of tens of milliseconds (a slow hash would also hand attackers a cheap way to load the
+server). Names are never reused, even after revocation, because audit rows refer to keys by name.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from medlens.errors import ConfigError
+from medlens.service.audit import create_tables, engine_for, utc_iso, write_transaction
+
+ROLES: tuple[str, ...] = ("viewer", "clinician", "admin")  # in increasing order of rights
+KEY_PREFIX = "mlk_"
+_MAX_KEY_CHARS = 256  # longer strings are not our keys: refused before hashing
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+def role_allows(role: str | None, required: str) -> bool:
+    """True if ``role`` has at least the rights of ``required`` (unknown or missing roles: False)."""
+    if required not in ROLES:
+        raise ValueError(f"unknown required role '{required}' (roles: {', '.join(ROLES)})")
+    return role in ROLES and ROLES.index(role) >= ROLES.index(required)
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key: its SHA-256 hex digest (see the module docstring for why that suffices)."""
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+api_keys_table = sa.Table(
+    "api_keys",
+    sa.MetaData(),
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created", sa.String(40), nullable=False),  # UTC ISO 8601
+    sa.Column("revoked", sa.String(40)),  # UTC ISO 8601, or NULL while the key is valid
+)
+
+
+class Identity(NamedTuple):
+    """Who a verified key belongs to: ``(name, role)``."""
+
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as listed: never its plaintext or hash."""
+
+    name: str
+    role: str
+    created: str
+    revoked: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+
+class KeyStore:
+    """API keys in the ``api_keys`` table of a SQLite or PostgreSQL database (created if missing).
+
+    ``target`` is a database URL or an engine from :func:`medlens.service.audit.create_engine`; pass the
+    :class:`~medlens.service.audit.AuditLog`'s ``engine`` to keep keys and audit trail in one database.
+    """
+
+    def __init__(self, target: str | Engine):
+        self.engine, self._owned = engine_for(target)
+        self.table = api_keys_table
+        create_tables(self.engine, api_keys_table)
+
+    def create(self, name: str, role: str) -> str:
+        """Create a key and return its plaintext: the only time it is ever available.
+
+        Raises :class:`ConfigError` for a bad name or role, or a name in use (also by a revoked key).
+        """
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(f"'{name}' is not a valid key name",
+                              hint="1-64 characters: letters, digits and . _ @ - (starting with a letter or digit)")
+        if role not in ROLES:
+            raise ConfigError(f"unknown role '{role}'", hint=f"roles: {', '.join(ROLES)}")
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = {"name": name, "role": role, "key_hash": hash_key(plaintext), "created": utc_iso(), "revoked": None}
+        try:
+            with write_transaction(self.engine) as conn:
+                conn.execute(self.table.insert().values(**row))
+        except IntegrityError as exc:
+            raise ConfigError(f"an API key named '{name}' already exists",
+                              hint="names are never reused, even after revocation (audit rows refer to "
+                                   "them): pick another name") from exc
+        return plaintext
+
+    def verify(self, plaintext: str | None) -> Identity | None:
+        """``(name, role)`` for a valid, unrevoked key; None for anything else."""
+        if not isinstance(plaintext, str) or not plaintext.startswith(KEY_PREFIX) or len(plaintext) > _MAX_KEY_CHARS:
+            return None
+        digest = hash_key(plaintext)
+        t = self.table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.name, t.c.role, t.c.key_hash, t.c.revoked)
+                               .where(t.c.key_hash == digest)).first()
+        # The indexed lookup can at most leak timing about the digest, which does not help forge a key (that
+        # would need a SHA-256 preimage); the constant-time comparison is the check that decides.
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return None
+        if row.revoked is not None or row.role not in ROLES:
+            return None
+        return Identity(row.name, row.role)
+
+    def revoke(self, name: str) -> bool:
+        """Revoke a key: True if it was active, False if it was already revoked; unknown name: ConfigError."""
+        t = self.table
+        with write_transaction(self.engine) as conn:
+            done = conn.execute(t.update().where(t.c.name == name, t.c.revoked.is_(None))
+                                .values(revoked=utc_iso())).rowcount
+            if done:
+                return True
+            exists = conn.execute(sa.select(t.c.id).where(t.c.name == name)).first()
+        if exists is None:
+            raise ConfigError(f"no API key named '{name}'", hint="see `medlens keys list`")
+        return False
+
+    def get(self, name: str) -> KeyInfo | None:
+        """A key's listing by name, or None."""
+        t = self.table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.name, t.c.role, t.c.created, t.c.revoked)
+                               .where(t.c.name == name)).first()
+        return None if row is None else KeyInfo(*row)
+
+    def list(self) -> builtins.list[KeyInfo]:
+        """All keys, revoked ones included, oldest first."""
+        t = self.table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.name, t.c.role, t.c.created, t.c.revoked).order_by(t.c.id)).all()
+        return [KeyInfo(*row) for row in rows]
+
+    def close(self) -> None:
+        """Release the connections (only those of an engine this object created)."""
+        if self._owned:
+            self.engine.dispose()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RateLimiter:
+    """A thread-safe token bucket per key: ``per_minute`` requests a minute, bursts up to ``burst``.
+
+    Each key's bucket holds up to ``burst`` tokens (default ``per_minute``) and refills at ``per_minute / 60``
+    tokens a second; a request takes one. ``per_minute = 0`` turns limiting off. Buckets that have refilled
+    completely are forgotten once more than ``max_keys`` keys are tracked, so memory stays bounded.
+    """
+
+    def __init__(self, per_minute: int, *, burst: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10_000):
+        if per_minute < 0:
+            raise ValueError("per_minute must be >= 0")
+        self.per_minute = per_minute
+        self.capacity = float(burst if burst is not None else per_minute)
+        if per_minute and self.capacity < 1:
+            raise ValueError("burst must be >= 1")
+        self.rate = per_minute / 60.0  # tokens per second
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time of last update)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> tuple[bool, float]:
+        """``(True, 0.0)`` and a token taken, or ``(False, seconds until the next token)``."""
+        if self.per_minute == 0:
+            return True, 0.0
+        with self._lock:
+            now = self._clock()
+            tokens, last = self._buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + max(0.0, now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                result = (True, 0.0)
+            else:
+                self._buckets[key] = (tokens, now)
+                result = (False, (1.0 - tokens) / self.rate)
+            if len(self._buckets) > self._max_keys:
+                self._forget_full(now)
+        return result
+
+    def _forget_full(self, now: float) -> None:
+        full = [k for k, (tokens, last) in self._buckets.items()
+                if tokens + (now - last) * self.rate >= self.capacity]
+        for k in full:
+            del self._buckets[k]
