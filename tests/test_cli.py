@@ -87,6 +87,22 @@ def test_evaluate_writes_metrics_with_intervals_and_report(trained_run, small_cx
     # Kermany file names carry the pneumonia subtype: the report has bacterial vs viral sensitivity.
     assert set(metrics["subgroups"]["sensitivity by pneumonia subtype"]) <= {"bacteria", "virus"}
     assert "auc" in capsys.readouterr().out
+    # trust: every uncertainty method of this model, faithfulness on a sample, both reliability diagrams
+    assert set(metrics["uncertainty"]["methods"]) == {"softmax", "mc", "tta"}
+    assert metrics["faithfulness"]["n"] == 40 and metrics["lung_energy"] is None
+    for section in ("Uncertainty and referral", "Explanations", "Reliability diagram before scaling"):
+        assert section in html or (section.startswith("Reliability") and card["temperature"] == 1.0)
+    header = (out / "predictions.csv").read_text().splitlines()[0]
+    assert header.startswith("path,label,probability,predicted,entropy_softmax,entropy_mc,entropy_tta")
+
+
+def test_evaluate_with_lung_masks_reports_cam_energy(trained_run, small_cxr, shared_data, capsys):
+    masks = shared_data / "segmentation"
+    assert main(["evaluate", str(trained_run), "--data", str(small_cxr), "--masks", str(masks),
+                 "--bootstrap", "50", "--no-progress"]) == 0
+    lung = json.loads((trained_run / "eval" / "test" / "metrics.json").read_text())["lung_energy"]
+    assert lung["n"] + lung["flat_maps"] + len(lung["skipped"]) == 192
+    assert "Do the maps fall on the lungs" in (trained_run / "eval" / "test" / "report.html").read_text()
 
 
 def test_evaluate_on_the_runs_own_validation_split(trained_run, small_cxr, tmp_path, capsys):

@@ -69,15 +69,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medlens.evaluate import evaluate
 
     data = _resolve_data(args.data)
-    result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap)
+    result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap,
+                      masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False))
     out = Path(args.run) / "eval" / args.split
     keys = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece")
     print(f"{args.split}: n={result['n']}  threshold={result['threshold']:.4f}")
     for k in keys:
         m = result[k]
         print(f"  {k:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    unc = result.get("uncertainty") or {}
+    for method, m in unc.get("methods", {}).items():
+        print(f"  refer/{method:<9} accuracy {m['accuracy']:.4f} -> {m['accuracy_kept']:.4f} on the "
+              f"{unc['coverage']:.0%} most certain ({100 * m['gain']:+.1f} pts)")
+    faith = result.get("faithfulness")
+    if faith:
+        print(f"  {faith['method']}: deletion AUC {faith['deletion_auc']:.3f} (random {faith['deletion_auc_random']:.3f}),"
+              f" randomisation Spearman median {faith['randomisation_spearman_median']}")
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _default_masks() -> Path | None:
+    """The shared lung-mask set beside the project, if there is one (used by `medlens run`)."""
+    from medlens.data.download import _shared_data_roots
+
+    env = os.environ.get("MEDLENS_SHARED_DATA")
+    roots = ([Path(env)] if env else []) + _shared_data_roots(None)
+    return next((r / "segmentation" for r in roots if (r / "segmentation" / "manifest.csv").is_file()), None)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -168,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"medlens: training recipe '{recipe}' on {data} -> {run}", file=sys.stderr)
     fit(cfg, data, run, progress=not args.no_progress)
     ns = argparse.Namespace(run=str(run), data=str(data), split="test", no_progress=args.no_progress,
-                            bootstrap=None)
+                            bootstrap=None, masks=_default_masks(), no_trust=False)
     return cmd_evaluate(ns)
 
 
@@ -198,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="DATA")
     e.add_argument("--split", default="test", help="test (default), val or train")
     e.add_argument("--bootstrap", type=int, default=None, metavar="N", help="bootstrap resamples for the CIs")
+    e.add_argument("--masks", default=None, metavar="DIR", help="chest X-rays with lung masks (manifest.csv with "
+                   "image,mask, or images/ + masks/): report the share of heat-map energy inside the lungs")
+    e.add_argument("--no-trust", action="store_true", help="skip uncertainty, referral and explanation checks")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

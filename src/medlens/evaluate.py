@@ -75,8 +75,26 @@ def _calibration_summary(card: ModelCard, logits: torch.Tensor, y: np.ndarray, p
                          f"{fitted.get('ece_before', float('nan')):.4f} -> {fitted.get('ece_after', float('nan')):.4f})"}
 
 
+def _trust(predictor: Predictor, images: torch.Tensor, y: np.ndarray, prob: np.ndarray, paths: list[str],
+           cfg: Config, masks: str | Path | None) -> dict:
+    """Uncertainty / referral, CAM gallery, faithfulness and (with ``masks``) lung energy: see medlens.trust."""
+    from medlens import trust
+
+    out = {"selective": trust.selective_prediction(predictor, images, y, cfg)}
+    log.info("selective prediction: %s", {m: round(e["gain"], 4) for m, e in out["selective"]["methods"].items()})
+    out["cam_gallery"] = trust.cam_gallery(predictor, images, y, prob, paths, cfg)
+    if cfg.eval.n_faithfulness > 0:
+        out["faithfulness"] = trust.faithfulness(predictor, images, prob, cfg)
+    if masks is not None:
+        out["lung_energy"] = trust.lung_energy(predictor, masks, cfg)
+    return out
+
+
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, progress: bool = True,
-             n_bootstrap: int | None = None) -> dict:
+             n_bootstrap: int | None = None, masks: str | Path | None = None, trust: bool = True) -> dict:
+    """Metrics with intervals, calibration, uncertainty and referral, explanations and their faithfulness
+    (``trust=False`` skips the last two), written to ``RUN/eval/SPLIT`` (metrics.json, predictions.csv,
+    report.html). ``masks``: a folder of chest X-rays with lung masks for the lung-energy check."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     predictor = Predictor.from_run(run_dir)
@@ -119,6 +137,10 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
         gallery += [{"image": loaded.images[i, 0].numpy(), "prob": float(prob[i]), "label": int(y[i]),
                      "path": table.items[loaded.keep[i]], "kind": kind} for i in chosen]
 
+    paths = [table.items[i] for i in loaded.keep]
+    checks = _trust(predictor, loaded.images, y, prob, paths, cfg, masks) if trust else {}
+    columns = checks.get("selective", {}).pop("columns", {})
+
     n_params = sum(p.numel() for p in predictor.model.parameters())
     summary = {
         "data": {"source": str(data), "split": split, "images": int(len(y)),
@@ -136,15 +158,22 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     out = run_dir / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "split": split, "model_id": card.model_id, "subgroups": subgroups,
-              "calibration": calibration,
+              "calibration": calibration, "uncertainty": checks.get("selective"),
+              "faithfulness": checks.get("faithfulness"), "lung_energy": checks.get("lung_energy"),
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+    refer_t = (card.refer or {}).get("thresholds", {}).get("softmax")
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "probability", "predicted"])
-        for j, i in enumerate(loaded.keep):
-            writer.writerow([table.items[i], int(y[j]), f"{prob[j]:.6f}", int(pred[j])])
+        writer.writerow(["path", "label", "probability", "predicted", *[f"entropy_{m}" for m in columns],
+                         *(["refer"] if refer_t is not None and "softmax" in columns else [])])
+        for j, path in enumerate(paths):
+            row = [path, int(y[j]), f"{prob[j]:.6f}", int(pred[j]), *[f"{c['entropy'][j]:.6f}" for c in columns.values()]]
+            if refer_t is not None and "softmax" in columns:
+                row.append(int(columns["softmax"]["entropy"][j] > refer_t))
+            writer.writerow(row)
+    raw = probabilities(logits, 1.0)[:, card.positive_class] if card.temperature != 1.0 else None
     write_report(out, metrics=metrics, y_true=y, y_prob=prob, threshold=threshold, class_names=card.class_names,
                  errors_gallery=gallery, subgroups=subgroups, summary=summary,
-                 title=f"medlens evaluation: {run_dir.name}, {split} split")
+                 title=f"medlens evaluation: {run_dir.name}, {split} split", y_prob_uncalibrated=raw, trust=checks)
     return result

@@ -458,7 +458,44 @@ def make_explainer(name: str, model: nn.Module, **kwargs: Any) -> CAM:
             f"explanation method {key!r} has no option {', '.join(repr(k) for k in unknown)}",
             hint=f"options of {key}: {', '.join(accepted) or '(none)'}",
         )
+    if cls.needs_activations and isinstance(getattr(model, "members", None), nn.ModuleList):
+        return MemberAverage(cls, model, **kwargs)
     return cls(model, **kwargs)
+
+
+class MemberAverage:
+    """A hooked method on an ensemble (``medlens.models.ensemble.Ensemble``): the mean of the members' maps.
+
+    There is no single layer to hook in an ensemble, so each member gets its own explainer; every member
+    explains the ensemble's class (its prediction unless ``target``), and the mean map is re-normalised.
+    Same interface as ``CAM`` (call, ``explain``, ``close``, context manager)."""
+
+    def __init__(self, cls: type[CAM], model: nn.Module, **kwargs: Any):
+        self.model = model
+        self.name = cls.name
+        self.explainers = [cls(member, **kwargs) for member in model.members]
+
+    def explain(self, x: torch.Tensor, target: Target = None) -> Explanation:
+        x = x.detach()
+        with _eval_mode(self.model), torch.no_grad():
+            logits = self.model(x).float()
+        targets = _resolve_targets(logits, target)
+        maps = normalize_maps(torch.stack([e.explain(x, targets).maps for e in self.explainers]).mean(dim=0))
+        probs = _probabilities(logits).gather(1, targets[:, None]).squeeze(1)
+        return Explanation(maps=maps, targets=targets, probabilities=probs, method=self.name)
+
+    def __call__(self, x: torch.Tensor, target: Target = None) -> torch.Tensor:
+        return self.explain(x, target).maps
+
+    def close(self) -> None:
+        for e in self.explainers:
+            e.close()
+
+    def __enter__(self) -> MemberAverage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def explain(model: nn.Module, x: torch.Tensor, method: str = "gradcam", *, target: Target = None, **kwargs: Any) -> Explanation:
@@ -679,6 +716,13 @@ def _top_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[str], lis
     return head, [n for n in dict.fromkeys(n for n, _ in feats) if n in stage]
 
 
+def _layers_to_randomise(model: nn.Module, layers: str, example: torch.Tensor) -> list[str]:
+    if layers == "all":
+        return [n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    head, stage = _top_layers(model, example[:1])
+    return head if layers == "head" else head + stage
+
+
 def randomised_copy(model: nn.Module, layers: str = "top", seed: int = 0, example: torch.Tensor | None = None) -> nn.Module:
     """A deep copy of ``model`` with some layers re-initialised by their own ``reset_parameters`` (seeded).
 
@@ -687,14 +731,14 @@ def randomised_copy(model: nn.Module, layers: str = "top", seed: int = 0, exampl
     """
     if layers not in ("head", "top", "all"):
         raise ConfigError(f"unknown layers={layers!r}", hint="use 'head', 'top' or 'all'")
-    if layers == "all":
-        names = [n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    if example is None:
+        size = int(getattr(model, "default_input_size", 224))
+        example = torch.zeros(1, int(getattr(model, "in_chans", 1)), size, size)
+    if isinstance(getattr(model, "members", None), nn.ModuleList):  # an ensemble: the same layers of every member
+        names = [f"members.{k}.{n}" for k, member in enumerate(model.members)
+                 for n in _layers_to_randomise(member, layers, example)]
     else:
-        if example is None:
-            size = int(getattr(model, "default_input_size", 224))
-            example = torch.zeros(1, int(getattr(model, "in_chans", 1)), size, size)
-        head, stage = _top_layers(model, example[:1])
-        names = head if layers == "head" else head + stage
+        names = _layers_to_randomise(model, layers, example)
     randomised = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))

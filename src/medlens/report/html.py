@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from medlens.metrics import CI_METRICS
+from medlens.report import trust as rt
 from medlens.report.plots import (
     figure_png,
     plot_confusion,
@@ -220,6 +221,8 @@ def write_report(
     subgroups: dict | None = None,
     summary: dict | None = None,
     title: str = "medlens evaluation report",
+    y_prob_uncalibrated=None,
+    trust: dict | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and ``roc.png``, ``pr.png``, ``confusion.png``, ``reliability.png`` (and
     ``errors.png`` when ``errors_gallery`` is given); return the path of ``report.html``.
@@ -229,6 +232,9 @@ def write_report(
     items are ``{"image": HxW uint8 (or float in [0, 1]), "prob": float, "label": int, "path": str}``; they
     may include correct predictions, the errors are selected here. ``subgroups`` is the output of
     :func:`medlens.metrics.subgroup_sensitivity`; ``summary`` is free-form (nested dicts become sections).
+    ``y_prob_uncalibrated`` (before temperature scaling) adds a second reliability diagram beside the first.
+    ``trust`` holds the outputs of :mod:`medlens.trust` under ``selective``, ``faithfulness``, ``cam_gallery``
+    and ``lung_energy`` (any may be missing) and adds the uncertainty and explanation sections.
     """
     if len(class_names) != 2:
         raise ValueError(f"class_names must be [negative, positive], got {class_names!r}")
@@ -245,8 +251,17 @@ def write_report(
         "confusion": plot_confusion(y, p, threshold, class_names),
         "reliability": plot_reliability(y, p, n_bins),
     }
+    if y_prob_uncalibrated is not None:
+        figures["reliability_uncalibrated"] = plot_reliability(y, np.asarray(y_prob_uncalibrated, dtype=float), n_bins)
     if errors_gallery is not None:
         figures["errors"] = plot_errors(errors_gallery, threshold, class_names, _ERRORS_PER_KIND)
+    trust = trust or {}
+    if trust.get("selective"):
+        figures["selective"] = rt.plot_selective(trust["selective"])
+    if trust.get("faithfulness"):
+        figures["deletion_insertion"] = rt.plot_deletion_insertion(trust["faithfulness"])
+    if trust.get("cam_gallery"):
+        figures["cam_gallery"] = rt.plot_cam_gallery(trust["cam_gallery"], class_names)
     pngs: dict[str, bytes] = {}
     for name, fig in figures.items():
         pngs[name] = figure_png(fig)
@@ -271,9 +286,30 @@ def write_report(
         _figure(pngs["confusion"], "Confusion matrix",
                 "Counts at the operating threshold; percentages are of each true class (row)."),
         _figure(pngs["reliability"], "Reliability diagram",
-                f"Calibration in {n_bins} equal-width bins of the predicted probability; bin counts below."),
-        "</div>",
+                f"Calibration{' after temperature scaling' if 'reliability_uncalibrated' in pngs else ''} in "
+                f"{n_bins} equal-width bins of the predicted probability; bin counts below."),
     ]
+    if "reliability_uncalibrated" in pngs:
+        body.append(_figure(pngs["reliability_uncalibrated"], "Reliability diagram before scaling",
+                            "The same split before temperature scaling (temperature 1)."))
+    body.append("</div>")
+    if trust.get("selective"):
+        body += ["<h2>Uncertainty and referral</h2>", rt.selective_html(
+            trust["selective"], _figure(pngs["selective"], "Selective prediction",
+                                        "Accuracy at the operating threshold as the most uncertain images are "
+                                        "referred; dotted line: the referral policy's target coverage."))]
+    if trust.get("cam_gallery") or trust.get("faithfulness") or trust.get("lung_energy"):
+        body.append("<h2>Explanations</h2>")
+    if trust.get("cam_gallery"):
+        body += ["<h3>Where the model looked</h3>", _figure(
+            pngs["cam_gallery"], "heat maps", "Most confident true positives, false positives and false negatives; "
+            "the heat map explains the class shown at the operating threshold.")]
+    if trust.get("faithfulness"):
+        body += ["<h3>Are the maps faithful to the model?</h3>", rt.faithfulness_html(
+            trust["faithfulness"], _figure(pngs["deletion_insertion"], "deletion and insertion curves",
+                                           "Mean curves over the sampled images."))]
+    if trust.get("lung_energy"):
+        body += ["<h3>Do the maps fall on the lungs?</h3>", rt.lung_html(trust["lung_energy"])]
     if errors_gallery is not None:
         body += ["<h2>Most confident errors</h2>",
                  _errors_section(errors_gallery, threshold, pngs.get("errors"), class_names)]

@@ -1,0 +1,183 @@
+"""The trust checks `medlens evaluate` runs: selective prediction, faithfulness, CAM gallery, lung energy, and
+the report sections that show them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medlens import trust
+from medlens.config import Config
+from medlens.errors import DataError
+from medlens.inference import Predictor
+from medlens.models import create_model
+from medlens.models.card import ModelCard
+from medlens.report import write_report
+from medlens.uncertainty import predictive
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.manual_seed(0)
+    model = create_model("seed_cnn", num_classes=2, widths=[8, 16, 16, 16]).eval()
+    card = ModelCard(model_name="seed_cnn", model_args={"widths": [8, 16, 16, 16]},
+                     class_names=["NORMAL", "PNEUMONIA"], input_size=SIZE, in_chans=1, threshold=0.5,
+                     refer={"measure": "predictive_entropy", "coverage": 0.9,
+                            "thresholds": {"softmax": 0.69, "tta": 0.6}, "n": 10, "mc_passes": 4, "tta_passes": 3})
+    return Predictor(model=model, card=card, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (40, 1, SIZE, SIZE), generator=g, dtype=torch.uint8)
+    y = np.array([0, 1] * 20)
+    return x, y
+
+
+def _cfg(**eval_kw) -> Config:
+    cfg = Config()
+    for k, v in {"n_faithfulness": 12, "faithfulness_steps": 5, "n_cam_examples": 2, **eval_kw}.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+def test_selective_prediction_reports_every_method_and_applies_the_cards_policy(predictor, images):
+    x, y = images
+    out = trust.selective_prediction(predictor, x, y, _cfg())
+    assert list(out["methods"]) == ["softmax", "mc", "tta"]  # seed_cnn has dropout; not an ensemble
+    card = predictor.card
+    for method, entry in out["methods"].items():
+        col = out["columns"][method]
+        correct = (col["probability"] >= card.threshold).astype(int) == y
+        assert entry["accuracy"] == pytest.approx(correct.mean())
+        keep = col["entropy"] <= np.quantile(col["entropy"], 0.9, method="inverted_cdf")
+        assert entry["accuracy_kept"] == pytest.approx(correct[keep].mean())
+        assert entry["gain"] == pytest.approx(correct[keep].mean() - correct.mean())
+        assert entry["passes"] == {"softmax": 1, "mc": 4, "tta": 3}[method]
+        assert len(entry["curve"]["coverage"]) == 11
+    # the validation-chosen threshold is applied as it is, whatever share it refers here
+    pol = out["methods"]["tta"]["policy"]
+    u = out["columns"]["tta"]["entropy"]
+    assert pol["referred"] == pytest.approx((u > 0.6).mean())
+    assert "policy" not in out["methods"]["mc"]  # the card has no mc threshold
+
+
+def test_softmax_probability_is_the_plain_prediction(predictor, images):
+    x, _ = images
+    r = predictive(predictor.model, x, "softmax", intensity=predictor.card.intensity)
+    np.testing.assert_allclose(r["probability"], predictor.predict_images(x), atol=1e-6)
+    assert (r["mutual_information"] == 0).all()
+
+
+def test_faithfulness_compares_with_a_random_order_and_a_randomised_model(predictor, images):
+    x, _ = images
+    prob = predictor.predict_images(x)
+    f = trust.faithfulness(predictor, x, prob, _cfg())
+    assert f["n"] == 12 and f["steps"] == 5
+    for k in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random"):
+        assert 0.0 <= f[k] <= 1.0
+    assert len(f["curves"]["deletion"]) == 6
+    assert f["randomisation_spearman_median"] is None or -1 <= f["randomisation_spearman_median"] <= 1
+    again = trust.faithfulness(predictor, x, prob, _cfg())
+    assert again["deletion_auc"] == f["deletion_auc"], "seeded: the same sample and order every time"
+
+
+def test_cam_gallery_holds_the_most_confident_of_each_kind(predictor, images):
+    x, y = images
+    prob = np.linspace(0.01, 0.99, len(y))  # made-up probabilities: the selection logic is what is tested
+    gallery = trust.cam_gallery(predictor, x, y, prob, [f"img{i}.png" for i in range(len(y))], _cfg())
+    kinds = [g["kind"] for g in gallery]
+    assert kinds.count("true positive") == 2 and kinds.count("false positive") == 2
+    assert kinds.count("false negative") == 2
+    tps = [g for g in gallery if g["kind"] == "true positive"]
+    assert tps[0]["prob"] >= tps[1]["prob"] and all(g["label"] == 1 and g["prob"] >= 0.5 for g in tps)
+    fns = [g for g in gallery if g["kind"] == "false negative"]
+    assert fns[0]["prob"] <= fns[1]["prob"] and all(g["label"] == 1 and g["prob"] < 0.5 for g in fns)
+    assert all(g["cam"].shape == (SIZE, SIZE) for g in gallery)
+
+
+def _mask_folder(root: Path, n: int = 3, manifest: bool = True) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = ["image,mask"]
+    for i in range(n):
+        Image.fromarray(np.full((100, 80), 128, np.uint8)).save(root / "images" / f"c{i}.png")
+        mask = np.zeros((100, 80), np.uint8)
+        mask[:, :40] = 255  # "lungs": the left half
+        mask[:10, 40:] = 127  # an ignore strip on the right
+        Image.fromarray(mask).save(root / "masks" / f"c{i}.png")
+        rows.append(f"images/c{i}.png,masks/c{i}.png")
+    if manifest:
+        (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_mask_pairs_from_a_manifest_or_matching_names(tmp_path, manifest):
+    root = _mask_folder(tmp_path / "m", manifest=manifest)
+    pairs = trust.mask_pairs(root)
+    assert [(p.name, q.name) for p, q in pairs] == [(f"c{i}.png", f"c{i}.png") for i in range(3)]
+
+
+def test_mask_folder_without_pairs_is_a_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match="no image/mask pairs"):
+        trust.mask_pairs(tmp_path)
+
+
+def test_lung_energy_measures_the_share_inside_the_mask_and_leaves_out_the_ignore_region(
+        predictor, tmp_path, monkeypatch):
+    root = _mask_folder(tmp_path / "m")
+
+    class Fake:  # a map with 3/4 of its mass on the left half
+        def __init__(self, maps):
+            self.maps = maps
+
+    def fake_explain(model, x, method, target=None):
+        maps = torch.zeros(x.shape[0], SIZE, SIZE)
+        maps[:, :, : SIZE // 2] = 3.0
+        maps[:, :, SIZE // 2 :] = 1.0
+        maps[:, : SIZE // 10 - 1, SIZE // 2 :] = 100.0  # inside the ignore strip: must not count
+        return Fake(maps)
+
+    monkeypatch.setattr(trust, "explain", fake_explain)
+    out = trust.lung_energy(predictor, root, _cfg())
+    assert out["n"] == 3 and out["flat_maps"] == 0
+    ignore_rows = round(10 / 100 * SIZE)  # the mask strip after nearest-neighbour resizing
+    valid_right = (SIZE - ignore_rows) * SIZE // 2
+    left = SIZE * SIZE // 2
+    assert out["lung_area_mean"] == pytest.approx(left / (left + valid_right), abs=0.02)
+    expected = 3 * left / (3 * left + 1 * valid_right)
+    assert out["energy_in_lungs_mean"] == pytest.approx(expected, abs=0.02)
+    assert out["ratio_to_area"] > 1 and out["share_above_area"] == 1.0
+
+
+def test_report_shows_uncertainty_and_explanation_sections(predictor, images, tmp_path):
+    x, y = images
+    cfg = _cfg()
+    prob = predictor.predict_images(x)
+    sel = trust.selective_prediction(predictor, x, y, cfg, methods=["softmax", "tta"])
+    sel.pop("columns")
+    checks = {"selective": sel, "faithfulness": trust.faithfulness(predictor, x, prob, cfg),
+              "cam_gallery": trust.cam_gallery(predictor, x, y, prob, [f"i{i}" for i in range(len(y))], cfg),
+              "lung_energy": {"source": "m", "n": 3, "flat_maps": 0, "method": "gradcam", "skipped": [],
+                              "energy_in_lungs_mean": 0.7, "energy_in_lungs_median": 0.7, "lung_area_mean": 0.4,
+                              "ratio_to_area": 1.75, "share_above_area": 1.0}}
+    from medlens.metrics import binary_metrics
+
+    page = write_report(tmp_path, metrics=binary_metrics(y, prob, 0.5), y_true=y, y_prob=prob, threshold=0.5,
+                        class_names=["NORMAL", "PNEUMONIA"], trust=checks, y_prob_uncalibrated=prob ** 1.5).read_text()
+    for heading in ("Uncertainty and referral", "Explanations", "Are the maps faithful", "Do the maps fall on the lungs",
+                    "Reliability diagram before scaling", "test-time augmentation"):
+        assert heading in page
+    for png in ("selective", "deletion_insertion", "cam_gallery", "reliability_uncalibrated"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+    json.dumps(sel)  # what goes into metrics.json is plain JSON
