@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import FAST, _link_subset
 
 from medlens.cli import main
 from medlens.inference import Predictor
@@ -16,7 +17,6 @@ from medlens.models import create_model
 from medlens.models.card import load_checkpoint, save_checkpoint
 from medlens.models.ensemble import Ensemble
 from medlens.uncertainty import available_methods, predictive
-from test_cli import FAST, _link_subset
 
 
 @pytest.fixture(scope="module")
