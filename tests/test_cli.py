@@ -92,8 +92,16 @@ def test_evaluate_writes_metrics_with_intervals_and_report(trained_run, small_cx
     assert metrics["faithfulness"]["n"] == 40 and metrics["lung_energy"] is None
     for section in ("Uncertainty and referral", "Explanations", "Reliability diagram before scaling"):
         assert section in html or (section.startswith("Reliability") and card["temperature"] == 1.0)
+    # the card records the evaluation; the weights (and so the model id) are untouched
+    card_after = json.loads((trained_run / "model.card.json").read_text())
+    assert card_after["evaluations"]["test"]["n"] == 40
+    assert card_after["evaluations"]["test"]["auc"] == pytest.approx(metrics["auc"]["value"])
+    from medlens.models.card import load_checkpoint
+
+    _, loaded = load_checkpoint(trained_run)  # verifies the weights' sha256 against the card
+    assert loaded.model_id == f"seed_cnn-{loaded.weights_sha256[:12]}"
     header = (out / "predictions.csv").read_text().splitlines()[0]
-    assert header.startswith("path,label,probability,predicted,entropy_softmax,entropy_mc,entropy_tta")
+    assert header.startswith("path,label,probability,predicted,uncertainty_softmax,uncertainty_mc,uncertainty_tta")
 
 
 def test_evaluate_with_lung_masks_reports_cam_energy(trained_run, small_cxr, shared_data, capsys):

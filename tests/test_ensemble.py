@@ -91,7 +91,7 @@ def test_train_ensemble_writes_members_and_one_ensemble_card(ensemble_run, tmp_p
 def test_referral_policy_in_the_card_refers_the_most_uncertain_validation_share(ensemble_run):
     predictor = Predictor.from_run(ensemble_run)
     refer = predictor.card.refer
-    assert refer["measure"] == "predictive_entropy" and refer["coverage"] == 0.9
+    assert refer["measure"] == "decision_entropy" and refer["coverage"] == 0.9
     assert set(refer["thresholds"]) == set(available_methods(predictor.model)) >= {"softmax", "tta", "ensemble"}
     for t in refer["thresholds"].values():
         assert 0.0 <= t <= math.log(2) + 1e-9
@@ -109,7 +109,7 @@ def test_predict_ensemble_uncertainty_and_refer_flag(ensemble_run, kermany, caps
     # the refer flag is exactly the card's rule
     predictor = Predictor.from_run(ensemble_run)
     t = predictor.card.refer["thresholds"]["ensemble"]
-    assert [r["refer"] for r in rows] == [r["uncertainty"]["predictive_entropy"] > t for r in rows]
+    assert [r["refer"] for r in rows] == [r["uncertainty"]["decision_entropy"] > t for r in rows]
 
 
 def test_ensemble_probability_matches_the_default_prediction(ensemble_run, kermany):

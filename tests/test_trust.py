@@ -29,7 +29,7 @@ def predictor() -> Predictor:
     model = create_model("seed_cnn", num_classes=2, widths=[8, 16, 16, 16]).eval()
     card = ModelCard(model_name="seed_cnn", model_args={"widths": [8, 16, 16, 16]},
                      class_names=["NORMAL", "PNEUMONIA"], input_size=SIZE, in_chans=1, threshold=0.5,
-                     refer={"measure": "predictive_entropy", "coverage": 0.9,
+                     refer={"measure": "decision_entropy", "coverage": 0.9,
                             "thresholds": {"softmax": 0.69, "tta": 0.6}, "n": 10, "mc_passes": 4, "tta_passes": 3})
     return Predictor(model=model, card=card, device=torch.device("cpu"))
 
@@ -58,14 +58,14 @@ def test_selective_prediction_reports_every_method_and_applies_the_cards_policy(
         col = out["columns"][method]
         correct = (col["probability"] >= card.threshold).astype(int) == y
         assert entry["accuracy"] == pytest.approx(correct.mean())
-        keep = col["entropy"] <= np.quantile(col["entropy"], 0.9, method="inverted_cdf")
+        keep = col["uncertainty"] <= np.quantile(col["uncertainty"], 0.9, method="inverted_cdf")
         assert entry["accuracy_kept"] == pytest.approx(correct[keep].mean())
         assert entry["gain"] == pytest.approx(correct[keep].mean() - correct.mean())
         assert entry["passes"] == {"softmax": 1, "mc": 4, "tta": 3}[method]
         assert len(entry["curve"]["coverage"]) == 11
     # the validation-chosen threshold is applied as it is, whatever share it refers here
     pol = out["methods"]["tta"]["policy"]
-    u = out["columns"]["tta"]["entropy"]
+    u = out["columns"]["tta"]["uncertainty"]
     assert pol["referred"] == pytest.approx((u > 0.6).mean())
     assert "policy" not in out["methods"]["mc"]  # the card has no mc threshold
 

@@ -371,3 +371,26 @@ def test_calibration_split_small_sets_keep_both_classes_in_both_parts():
     assert set(labels[select]) == {0, 1} and set(labels[calib]) == {0, 1}
     with pytest.raises(DataError, match="at least 2 patients"):
         calibration_split(idx, labels, ["a"] * 4)
+
+
+# ------------------------------------------------------------------------------- decision uncertainty
+def test_decision_uncertainty_is_centred_on_the_operating_threshold():
+    from medlens.uncertainty import decision_uncertainty
+
+    p = np.array([0.5, 0.92, 0.99, 0.2])
+    probs = np.stack([1 - p, p], axis=-1)[None]  # one pass
+    at_half = decision_uncertainty(probs, 0.5)["decision_entropy"]
+    np.testing.assert_allclose(at_half, summarise(probs)["predictive_entropy"], atol=1e-9)
+    d = decision_uncertainty(probs, 0.92)["decision_entropy"]
+    assert d[1] == pytest.approx(np.log(2))  # on the boundary: maximal
+    assert d[0] < d[1] and d[2] < d[1]  # 0.5 is a firm NEGATIVE call at threshold 0.92
+    assert d[3] < d[0]  # further from the boundary: more certain
+
+
+def test_decision_mutual_information_is_zero_when_passes_agree():
+    from medlens.uncertainty import decision_uncertainty
+
+    same = np.tile(np.array([[0.3, 0.7], [0.1, 0.9]])[None], (4, 1, 1))
+    assert np.allclose(decision_uncertainty(same, 0.8)["decision_mutual_information"], 0, atol=1e-9)
+    spread = np.array([[[0.5, 0.5]], [[0.01, 0.99]]])
+    assert decision_uncertainty(spread, 0.8)["decision_mutual_information"][0] > 0.05

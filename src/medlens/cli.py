@@ -1,4 +1,4 @@
-"""`medlens` command line: train | evaluate | predict | explain | models | recipes | data | run.
+"""`medlens` command line: train | evaluate | predict | explain | models | recipes | data | run | serve | keys | audit.
 
 User mistakes surface as one message (no traceback) and exit code 2; unexpected failures print one line and
 keep the full traceback in a file, so a user never has to read a stack to learn what to do.
@@ -62,6 +62,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     card = fit(cfg, data, run, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"run": str(run), "model_id": card.model_id, "best_epoch": card.epoch,
                       "val_auc": card.metrics.get("val", {}).get("auc"), "threshold": card.threshold}))
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from medlens.train import recalibrate
+
+    card = recalibrate(args.run, _resolve_data(args.data), overrides=args.set, progress=not args.no_progress)
+    print(json.dumps({"run": str(args.run), "model_id": card.model_id, "temperature": card.temperature,
+                      "threshold": card.threshold, "refer": card.refer}))
     return 0
 
 
@@ -190,6 +199,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return cmd_evaluate(ns)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run over HTTP: the REST API, the web viewer, health and metrics (one process)."""
+    try:
+        import uvicorn
+
+        from medlens.service.app import create_app
+        from medlens.service.settings import ServiceSettings
+    except ImportError as exc:
+        raise MedlensError(f"the service needs packages that are not installed ({exc.name})",
+                           hint="pip install 'medlens[service]'") from exc
+    from medlens.models.card import _find_card
+
+    run = Path(args.run)
+    if not run.exists():
+        raise MedlensError(f"run directory '{run}' does not exist", hint="pass the --out folder of `medlens train`")
+    _find_card(run)  # no card: one clear message now rather than a failed start-up later
+    settings = ServiceSettings.load(run, database=args.db)
+    app = create_app(run, settings, batching=not args.no_batching)
+    print(f"medlens: serving {run} on http://{args.host}:{args.port} (API docs at /docs; "
+          f"{'micro-batching' if not args.no_batching else 'no batching'}); create keys with "
+          "`medlens keys create NAME --role clinician --db ...`", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medlens", description="CNNs for medical imaging: train, evaluate, predict.")
     p.add_argument("--version", action="version", version=f"medlens {__import__('medlens').__version__}")
@@ -221,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-trust", action="store_true", help="skip uncertainty, referral and explanation checks")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    rc2 = sub.add_parser("recalibrate", help="refit temperature, threshold and referral policy of a run on its "
+                                             "own validation split (weights unchanged)")
+    rc2.add_argument("run", metavar="RUN")
+    rc2.add_argument("--data", required=True, metavar="DATA")
+    rc2.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.refer_coverage=0.8")
+    rc2.add_argument("--no-progress", action="store_true")
+    rc2.set_defaults(func=cmd_recalibrate)
 
     r = sub.add_parser("predict", help="predict PNG / JPEG / DICOM files; one JSON object per file")
     r.add_argument("run", metavar="RUN")
@@ -261,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     main_job.add_argument("--no-progress", action="store_true")
     main_job.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="serve a run: REST API, web viewer, audit trail, health and metrics")
+    sv.add_argument("run", metavar="RUN", help="run directory of a trained model")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                        "only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--db", default=None, metavar="URL", help="audit / key database: URL or SQLite file (default: "
+                                                              "MEDLENS_DATABASE_URL, else RUN/audit.db)")
+    sv.add_argument("--no-batching", action="store_true",
+                    help="one forward pass per request instead of micro-batching (for comparison)")
+    sv.set_defaults(func=cmd_serve)
+
+    from medlens.service.commands import add_commands
+
+    add_commands(sub)  # keys create|list|revoke, audit export
     return p
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from medlens.data.split import patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
 from medlens.inference import Predictor, predict_logits, probabilities
 from medlens.metrics import expected_calibration_error, metrics_with_ci, subgroup_sensitivity
-from medlens.models.card import ModelCard, jsonable
+from medlens.models.card import ModelCard, jsonable, record_evaluation
 from medlens.report import write_report
 
 log = logging.getLogger("medlens.evaluate")
@@ -162,15 +163,22 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
               "faithfulness": checks.get("faithfulness"), "lung_energy": checks.get("lung_energy"),
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+    record_evaluation(run_dir, split, {
+        "data fingerprint": table.fingerprint()[:16], "n": int(len(y)),
+        "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{k: metrics[k]["value"] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")},
+        "calibration": calibration or None,
+        "selective gain": {m: e["gain"] for m, e in (checks.get("selective") or {}).get("methods", {}).items()},
+    })
     refer_t = (card.refer or {}).get("thresholds", {}).get("softmax")
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "probability", "predicted", *[f"entropy_{m}" for m in columns],
+        writer.writerow(["path", "label", "probability", "predicted", *[f"uncertainty_{m}" for m in columns],
                          *(["refer"] if refer_t is not None and "softmax" in columns else [])])
         for j, path in enumerate(paths):
-            row = [path, int(y[j]), f"{prob[j]:.6f}", int(pred[j]), *[f"{c['entropy'][j]:.6f}" for c in columns.values()]]
+            row = [path, int(y[j]), f"{prob[j]:.6f}", int(pred[j]), *[f"{c['uncertainty'][j]:.6f}" for c in columns.values()]]
             if refer_t is not None and "softmax" in columns:
-                row.append(int(columns["softmax"]["entropy"][j] > refer_t))
+                row.append(int(columns["softmax"]["uncertainty"][j] > refer_t))
             writer.writerow(row)
     raw = probabilities(logits, 1.0)[:, card.positive_class] if card.temperature != 1.0 else None
     write_report(out, metrics=metrics, y_true=y, y_prob=prob, threshold=threshold, class_names=card.class_names,

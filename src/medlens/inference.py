@@ -97,12 +97,13 @@ class Predictor:
 
         refer = self.card.refer or {}
         out = predictive(self.model, images, method, intensity=self.card.intensity,
-                         temperature=self.card.temperature, positive_class=self.card.positive_class,
+                         temperature=self.card.temperature, threshold=self.card.threshold,
+                         positive_class=self.card.positive_class,
                          mc_passes=passes or int(refer.get("mc_passes", 20)),
                          tta_passes=passes or int(refer.get("tta_passes", 8)), device=self.device)
         threshold = (refer.get("thresholds") or {}).get(method)
         if threshold is not None:
-            out["refer"] = out["predictive_entropy"] > float(threshold)
+            out["refer"] = out[refer.get("measure", "predictive_entropy")] > float(threshold)
         return out
 
     def refer_note(self, method: str) -> str:
@@ -112,7 +113,8 @@ class Predictor:
         if threshold is None:
             return f"no referral policy for '{method}' in this model card"
         share = 1 - float(refer.get("coverage", 0.9))
-        return (f"refer when the predictive entropy ({method}) exceeds {float(threshold):.4g} nats: the most "
+        measure = str(refer.get("measure", "predictive_entropy")).replace("_", " ")
+        return (f"refer when the {measure} ({method}) exceeds {float(threshold):.4g} nats: the most "
                 f"uncertain {share:.0%} of {refer.get('n', '?')} held-apart validation images")
 
     def predict(self, paths: list[str | Path], uncertainty: str | None = None) -> list[dict]:

@@ -365,20 +365,21 @@ def refer_policy(model: torch.nn.Module, images: torch.Tensor, card: ModelCard, 
                  device: torch.device, *, data: str) -> dict:
     """The referral thresholds, one per uncertainty method the model supports, chosen on ``images``.
 
-    ``refer = predictive entropy > threshold``, the threshold being the ``eval.refer_coverage`` quantile of
-    the entropies on these (held-apart validation) images: about 10 % of them would be referred."""
-    from medlens.uncertainty import available_methods, choose_refer_threshold, predictive
+    ``refer = decision entropy > threshold`` (the entropy of the call at the card's operating threshold, see
+    ``medlens.uncertainty.decision_uncertainty``), the threshold being the ``eval.refer_coverage`` quantile of
+    its values on these (held-apart validation) images: about 10 % of them would be referred."""
+    from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
 
     ec = cfg.eval
     thresholds = {}
     for method in available_methods(model):
         u = predictive(model, images, method, intensity=card.intensity, temperature=card.temperature,
-                       positive_class=card.positive_class, mc_passes=ec.mc_passes, tta_passes=ec.tta_passes,
-                       device=device)["predictive_entropy"]
+                       threshold=card.threshold, positive_class=card.positive_class, mc_passes=ec.mc_passes,
+                       tta_passes=ec.tta_passes, device=device)[REFER_MEASURE]
         thresholds[method] = choose_refer_threshold(u, coverage=ec.refer_coverage)
-    log.info("referral thresholds (predictive entropy, coverage %.2f, %d images): %s", ec.refer_coverage,
+    log.info("referral thresholds (%s, coverage %.2f, %d images): %s", REFER_MEASURE, ec.refer_coverage,
              len(images), {k: round(v, 4) for k, v in thresholds.items()})
-    return {"measure": "predictive_entropy", "coverage": ec.refer_coverage, "thresholds": thresholds,
+    return {"measure": REFER_MEASURE, "coverage": ec.refer_coverage, "thresholds": thresholds,
             "n": int(len(images)), "data": data, "mc_passes": ec.mc_passes, "tta_passes": ec.tta_passes}
 
 
@@ -420,3 +421,44 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
     log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch,
              card.metrics["val"].get("auc", float("nan")), threshold, card.threshold_policy)
     return card
+
+
+def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] | None = None,
+                progress: bool = True) -> ModelCard:
+    """Refit the temperature, the operating threshold and the referral policy of a finished run on its own
+    validation split (the same patients, the same selection / calibration halves), keeping its weights.
+
+    For runs made by an older medlens (e.g. before the referral policy existed) or to apply changed ``eval.*``
+    settings (``overrides``, e.g. ``eval.refer_coverage=0.8``). The split must be the run's: a data set that
+    splits differently is refused. Earlier evaluations are dropped from the card (they used the old policy)."""
+    from medlens.config import apply_overrides
+    from medlens.evaluate import run_config
+
+    run_dir = Path(run_dir)
+    cfg = apply_overrides(run_config(run_dir), overrides or [])
+    device = resolve_device(cfg.train.device)
+    model, old = load_checkpoint(run_dir, map_location=device)
+    table, split, loaded = load_split_data(cfg, data, progress=progress)
+    if split_manifest(table, split)["hash"] != old.split_hash:
+        raise DataError(f"{data}: the validation split made from this data differs from the run's",
+                        hint="recalibrate with the data the run was trained on")
+    y_val = table.labels[loaded["val"].keep]
+    select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
+    d = _Data(table=table, loaded=loaded, x_train=torch.empty(0), y_train=torch.empty(0), x_val=loaded["val"].images,
+              y_val=y_val, select=select, calib=calib, counts=torch.zeros(0))
+    state = {"best_epoch": old.epoch}
+    if "ensemble" in old.metrics:
+        state["member_epochs"] = old.metrics["ensemble"]["member_epochs"]
+    if "ensemble_member" in old.metrics:
+        state["member"] = old.metrics["ensemble_member"]
+    card = copy.deepcopy(old)
+    card.evaluations, card.created = {}, ""
+    card.config = cfg.to_dict()
+    cfg.save(run_dir / "config.yaml")
+    handler = _setup_logging(run_dir)
+    try:
+        log.info("recalibrating %s on its validation split", run_dir)
+        return _finalise(model, card, state, cfg, d, run_dir, device)
+    finally:
+        logging.getLogger("medlens").removeHandler(handler)
+        handler.close()

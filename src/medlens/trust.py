@@ -28,7 +28,7 @@ from medlens.errors import DataError
 from medlens.explain import deletion_insertion, explain, randomisation_check
 from medlens.inference import Predictor
 from medlens.models.card import normalize_batch
-from medlens.uncertainty import available_methods, predictive, selective_curve, selective_gain
+from medlens.uncertainty import REFER_MEASURE, available_methods, predictive, selective_curve, selective_gain
 
 log = logging.getLogger("medlens.trust")
 
@@ -49,19 +49,22 @@ def selective_prediction(predictor: Predictor, images: torch.Tensor, y: np.ndarr
     (chosen on validation) applied here: the share referred and the accuracy of the rest."""
     card, ec = predictor.card, cfg.eval
     thresholds = (card.refer or {}).get("thresholds", {})
-    out: dict = {"coverage": ec.refer_coverage, "measure": "predictive entropy (nats)", "methods": {},
-                 "columns": {}}
+    measure = (card.refer or {}).get("measure", REFER_MEASURE)
+    out: dict = {"coverage": ec.refer_coverage, "measure": measure, "methods": {}, "columns": {}}
     for method in methods or available_methods(predictor.model):
         r = predictive(predictor.model, images, method, intensity=card.intensity, temperature=card.temperature,
-                       positive_class=card.positive_class, mc_passes=int(card.refer.get("mc_passes", ec.mc_passes)),
+                       threshold=card.threshold, positive_class=card.positive_class, mc_passes=int(card.refer.get("mc_passes", ec.mc_passes)),
                        tta_passes=int(card.refer.get("tta_passes", ec.tta_passes)), device=predictor.device,
                        seed=cfg.train.seed)
-        prob, u = r["probability"], r["predictive_entropy"]
+        prob, u = r["probability"], r[measure]
         correct = (prob >= card.threshold).astype(int) == y
         curve = selective_curve(y, prob, u, card.threshold, points=11, min_coverage=0.5)
         gain = selective_gain(y, prob, u, card.threshold, coverage=ec.refer_coverage)
+        # the same with the ordinary (p = 0.5 centred) predictive entropy, for comparison
+        gain_entropy = selective_gain(y, prob, r["predictive_entropy"], card.threshold, coverage=ec.refer_coverage)
         entry = {"passes": int(r["passes"][0]), "accuracy": float(correct.mean()),
                  "accuracy_kept": float(correct.mean() + gain), "gain": float(gain),
+                 "gain_predictive_entropy": float(gain_entropy),
                  "errors_auc": _errors_auc(correct, u),
                  "curve": {k: curve[k].tolist() for k in ("coverage", "accuracy", "sensitivity", "specificity")}}
         if method in thresholds:
@@ -71,7 +74,7 @@ def selective_prediction(predictor: Predictor, images: torch.Tensor, y: np.ndarr
                                "accuracy_not_referred": float(correct[kept].mean()) if kept.any() else None,
                                "errors_referred": int((~correct & refer).sum()), "errors": int((~correct).sum())}
         out["methods"][method] = entry
-        out["columns"][method] = {"probability": prob, "entropy": u}
+        out["columns"][method] = {"probability": prob, "uncertainty": u}
     return out
 
 

@@ -61,6 +61,8 @@ __all__ = [
     "UNCERTAINTY_METHODS",
     "available_methods",
     "predictive",
+    "decision_uncertainty",
+    "REFER_MEASURE",
 ]
 
 #: the fitted temperature is clipped to this range (a T outside it means the logits carry no usable signal)
@@ -383,21 +385,53 @@ def summarise(member_probs: ArrayLike, *, positive_class: int = 1) -> dict[str, 
 # ------------------------------------------------------------------------------------ one entry point
 #: uncertainty methods a prediction can use; "softmax" is the single deterministic pass (always available)
 UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
+#: what the referral policy thresholds (see ``decision_uncertainty``)
+REFER_MEASURE = "decision_entropy"
+
+
+def decision_uncertainty(member_probs: ArrayLike, threshold: float = 0.5, *,
+                         positive_class: int = 1) -> dict[str, np.ndarray]:
+    """Uncertainty of the DECISION ``p >= threshold`` for ``S`` stochastic binary predictions ``(S, N, 2)``.
+
+    Predictive entropy is centred on p = 0.5; an operating threshold chosen for sensitivity (say 0.92) puts
+    the decision boundary elsewhere, and then the most "uncertain" images by entropy (p near 0.5) are calls
+    the model makes firmly, while the images near the boundary look certain. Each pass's positive-class
+    probability is therefore shifted in logit space so the threshold maps to 0.5,
+    ``q = sigmoid(logit(p) - logit(threshold))`` (the posterior under the prior odds that make the threshold
+    the Bayes decision), and the entropies are taken of ``q``: ``decision_entropy`` (of the mean ``q``; ln 2
+    on the boundary, 0 far from it) and ``decision_mutual_information`` (its epistemic part). With
+    ``threshold=0.5`` they equal the ordinary predictive entropy and mutual information.
+    """
+    p = _as_numpy(member_probs)
+    if p.ndim != 3 or p.shape[2] != 2:
+        raise ValueError(f"decision_uncertainty needs binary (S, N, 2) probabilities, got shape {p.shape}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    eps = 1e-12
+    pos = np.clip(p[:, :, positive_class], eps, 1 - eps)
+    shift = math.log(threshold) - math.log1p(-threshold)
+    q = 1.0 / (1.0 + np.exp(-(np.log(pos) - np.log1p(-pos) - shift)))
+    q2 = np.stack([1 - q, q], axis=-1)
+    predictive_ = _entropy(q2.mean(axis=0))
+    expected = _entropy(q2).mean(axis=0)
+    return {"decision_entropy": predictive_, "decision_mutual_information": np.clip(predictive_ - expected, 0, None)}
 
 
 def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", *, intensity: str,
-               temperature: float = 1.0, positive_class: int = 1, mc_passes: int = 20, tta_passes: int = 8,
-               device: torch.device | None = None, seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
+               temperature: float = 1.0, threshold: float = 0.5, positive_class: int = 1, mc_passes: int = 20,
+               tta_passes: int = 8, device: torch.device | None = None, seed: int = 0,
+               batch_size: int = 256) -> dict[str, np.ndarray]:
     """Calibrated positive-class probability and its uncertainty for uint8 images ``(N, 1, H, W)``.
 
-    ``method``: ``softmax`` (one deterministic pass; entropy of the calibrated probability), ``mc`` (MC
-    dropout, ``mc_passes``), ``tta`` (``tta_passes``, the first unchanged) or ``ensemble`` (the members of a
+    ``method``: ``softmax`` (one deterministic pass), ``mc`` (MC dropout, ``mc_passes``), ``tta``
+    (``tta_passes``, the first unchanged) or ``ensemble`` (the members of a
     ``medlens.models.ensemble.Ensemble``: the probability is the calibrated ensemble probability, exactly what
     ``softmax`` gives for an ensemble; the spread is over members). The temperature (the card's) is applied to
-    every pass. Returns float64 arrays ``probability``, ``predictive_entropy`` (nats: the referral measure),
-    ``mutual_information``, ``variance`` and int ``passes``. Training (the referral policy), ``medlens
-    evaluate``, ``medlens predict`` and the service all call this, so a threshold chosen on one is valid on
-    the others.
+    every pass. Returns float64 arrays ``probability``, ``predictive_entropy`` and ``mutual_information``
+    (nats, centred on p = 0.5), ``decision_entropy`` (centred on the operating ``threshold``: see
+    :func:`decision_uncertainty`; the referral measure), ``variance`` of the positive-class probability over
+    the passes, and int ``passes``. Training (the referral policy), ``medlens evaluate``, ``medlens predict``
+    and the service all call this, so a threshold chosen on one is valid on the others.
     """
     from medlens.errors import ConfigError
     from medlens.inference import predict_logits, probabilities
@@ -406,32 +440,32 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
     device = device or _device_of(model)
     kw = {"intensity": intensity, "device": device, "batch_size": batch_size}
     if method == "softmax":
-        p = probabilities(predict_logits(model, images, **kw), temperature)[None]
-        summary = summarise(p, positive_class=positive_class)
+        members = probabilities(predict_logits(model, images, **kw), temperature)[None]
     elif method == "mc":
-        summary = summarise(member_probabilities(mc_dropout_logits(model, images, mc_passes, seed=seed, **kw),
-                                                 temperature), positive_class=positive_class)
+        members = member_probabilities(mc_dropout_logits(model, images, mc_passes, seed=seed, **kw), temperature)
     elif method == "tta":
-        summary = summarise(member_probabilities(tta_logits(model, images, tta_passes, seed=seed, **kw),
-                                                 temperature), positive_class=positive_class)
+        members = member_probabilities(tta_logits(model, images, tta_passes, seed=seed, **kw), temperature)
     elif method == "ensemble":
         if not is_ensemble(model):
             raise ConfigError("--uncertainty ensemble needs an ensemble run",
                               hint="train one with `medlens train DATA --out RUN --ensemble 5`, or use mc / tta")
-        members = summarise(member_probabilities(ensemble_logits(list(model.members), images, intensity=intensity,
-                                                                     batch_size=batch_size)),
-                            positive_class=positive_class)
-        calibrated = summarise(probabilities(predict_logits(model, images, **kw), temperature)[None],
-                               positive_class=positive_class)
-        summary = {**members, "positive_prob": calibrated["positive_prob"],
-                   "predictive_entropy": calibrated["predictive_entropy"]}
+        members = member_probabilities(ensemble_logits(list(model.members), images, intensity=intensity,
+                                                       batch_size=batch_size))
     else:
         raise ConfigError(f"unknown uncertainty method {method!r}",
                           hint=f"choose one of {', '.join(UNCERTAINTY_METHODS)}")
-    passes = {"softmax": 1, "mc": mc_passes, "tta": tta_passes}.get(method) or len(getattr(model, "members", []))
+    summary = summarise(members, positive_class=positive_class)
+    decision = decision_uncertainty(members, threshold, positive_class=positive_class)
+    if method == "ensemble":
+        # the prediction itself is the calibrated ensemble probability; the members give the spread
+        calibrated = probabilities(predict_logits(model, images, **kw), temperature)[None]
+        summary["positive_prob"] = calibrated[0, :, positive_class]
+        summary["predictive_entropy"] = summarise(calibrated, positive_class=positive_class)["predictive_entropy"]
+        decision["decision_entropy"] = decision_uncertainty(calibrated, threshold,
+                                                            positive_class=positive_class)["decision_entropy"]
     return {"probability": summary["positive_prob"], "predictive_entropy": summary["predictive_entropy"],
-            "mutual_information": summary["mutual_information"], "variance": summary["positive_variance"],
-            "passes": np.full(len(images), passes, dtype=np.int64)}
+            "mutual_information": summary["mutual_information"], "decision_entropy": decision["decision_entropy"],
+            "variance": summary["positive_variance"], "passes": np.full(len(images), len(members), dtype=np.int64)}
 
 
 def available_methods(model: nn.Module) -> list[str]:

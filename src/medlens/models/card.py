@@ -80,6 +80,8 @@ class ModelCard:
     #: the "refer to a radiologist" policy chosen on held-apart validation data: the uncertainty measure,
     #: the target coverage and one threshold per uncertainty method (see ``medlens.train.refer_policy``)
     refer: dict[str, Any] = field(default_factory=dict)
+    #: results of ``medlens evaluate`` per split (written after training; never used to choose anything)
+    evaluations: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     split_hash: str = ""
     recipe: str = ""
@@ -182,6 +184,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "temperature": (int, float),
     "metrics": dict,
     "refer": dict,
+    "evaluations": dict,
     "config": dict,
     "epoch": int,
 }
@@ -250,6 +253,16 @@ def save_checkpoint(
     text = card.to_json()
     _atomic_write(card_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return weights_path, card_path
+
+
+def record_evaluation(run_dir: str | os.PathLike, split: str, summary: dict[str, Any]) -> None:
+    """Add ``summary`` under ``evaluations[split]`` of the run's card (atomically; the weights are untouched,
+    so the weights' checksum and the model id stay the same)."""
+    card_path = _find_card(Path(run_dir))
+    card = ModelCard.load(card_path)
+    card.evaluations[split] = jsonable(summary)
+    text = card.to_json()
+    _atomic_write(card_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _find_card(path: Path) -> Path:

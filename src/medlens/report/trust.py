@@ -105,18 +105,24 @@ def selective_html(selective: Mapping[str, Any], figure: str) -> str:
         rows.append(
             f"<tr><th>{_e(_label(method))}</th><td class='num'>{m['passes']}</td>"
             f"<td class='num'>{_pct(m['accuracy'])}</td><td class='num'>{_pct(m['accuracy_kept'])}</td>"
-            f"<td class='num'>{100 * m['gain']:+.1f}</td><td class='num'>{_num(m['errors_auc'])}</td>"
+            f"<td class='num'>{100 * m['gain']:+.1f}</td>"
+            f"<td class='num'>{100 * m.get('gain_predictive_entropy', float('nan')):+.1f}</td>"
+            f"<td class='num'>{_num(m['errors_auc'])}</td>"
             f"<td class='num'>{_num(pol.get('refer_threshold'), 4)}</td><td class='num'>{_pct(pol.get('referred'))}</td>"
             f"<td class='num'>{_pct(pol.get('accuracy_not_referred'))}</td>"
             f"<td class='num'>{pol.get('errors_referred', 'n/a')} / {pol.get('errors', 'n/a')}</td></tr>")
     return (
-        f"<p>Uncertainty is the predictive entropy of the calibrated probability. <b>Gain</b>: accuracy on the "
+        "<p>Uncertainty is the <b>decision entropy</b>: the entropy of the calibrated probability after shifting it "
+        "in logit space so that the operating threshold sits at 0.5, i.e. how close the call is to flipping (the "
+        "ordinary predictive entropy is centred on 0.5, where this model's calls are firm; its gain is shown for "
+        f"comparison). <b>Gain</b>: accuracy on the "
         f"{cov:.0%} most certain images of this split minus accuracy on all of them (points). <b>Error AUROC</b>: how "
         "well the uncertainty separates errors from correct calls (0.5 = blind). The <b>referral policy</b> columns "
         "apply the threshold chosen on held-apart validation data (stored in the model card) to this split: on a "
         "shifted split the share referred can differ from the intended one.</p>"
         "<table><thead><tr><th>Method</th><th>Passes</th><th>Accuracy (all)</th>"
-        f"<th>Accuracy ({cov:.0%} most certain)</th><th>Gain (pts)</th><th>Error AUROC</th>"
+        f"<th>Accuracy ({cov:.0%} most certain)</th><th>Gain (pts)</th><th>Gain with predictive entropy (pts)</th>"
+        "<th>Error AUROC</th>"
         "<th>Refer threshold (nats)</th><th>Referred</th><th>Accuracy not referred</th>"
         f"<th>Errors referred</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{figure}")
 
