@@ -26,9 +26,6 @@ from medlens.explain import (
     GradCAMPlusPlus,
     Occlusion,
     ScoreCAM,
-    _ranks,
-    _spearman,
-    _top_layers,
     deletion_insertion,
     explain,
     make_explainer,
@@ -39,6 +36,7 @@ from medlens.explain import (
     randomised_copy,
     save_overlay,
 )
+from medlens.explain.faithfulness import _ranks, _spearman, _top_layers
 from medlens.models import create_model, list_models
 
 ALL_MODELS = list_models()
