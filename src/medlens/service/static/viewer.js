@@ -1,0 +1,164 @@
+// medlens web viewer: plain JavaScript, no build step, no network access beyond this server.
+// The API key lives in sessionStorage (gone when the tab closes); every call sends it as a Bearer token.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { key: sessionStorage.getItem("medlens-key") || "", recent: JSON.parse(sessionStorage.getItem("medlens-recent") || "[]"), urls: [] };
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function setStatus(message) { $("status").textContent = message; }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {}, { Authorization: `Bearer ${state.key}` });
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (!response.ok) {
+    let detail = `${response.status} ${response.statusText}`;
+    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return response;
+}
+
+async function connect() {
+  showError("");
+  try {
+    const models = await (await api("/v1/models")).json();
+    const model = models.models[0];
+    $("model").textContent = `Model ${model.model_id} · threshold ${model.threshold.toFixed(3)} · ${model.class_names.join(" vs ")}`;
+    const select = $("method");
+    select.innerHTML = "";
+    const names = { softmax: "single pass", mc: "MC dropout", tta: "test-time augmentation", ensemble: "deep ensemble" };
+    for (const m of model.uncertainty_methods) {
+      const option = document.createElement("option");
+      option.value = m;
+      option.textContent = names[m] || m;
+      select.appendChild(option);
+    }
+    document.body.dataset.connected = "true";
+  } catch (e) {
+    $("model").textContent = "Not connected.";
+    showError(`Could not connect: ${e.message}`);
+  }
+}
+
+async function imageUrl(id, alpha) {
+  const blob = await (await api(`/v1/predictions/${encodeURIComponent(id)}/heatmap.png?alpha=${alpha}`)).blob();
+  const url = URL.createObjectURL(blob);
+  state.urls.push(url);
+  return url;
+}
+
+function showResult(p) {
+  $("result").hidden = false;
+  $("label").textContent = p.label;
+  const refer = $("refer");
+  refer.className = "badge " + (p.refer === true ? "refer" : p.refer === false ? "no-refer" : "unknown");
+  refer.textContent = p.refer === true ? "Refer to a radiologist" : p.refer === false ? "No referral" : "Referral unknown";
+  refer.dataset.refer = String(p.refer);
+  $("refer-reason").textContent = p.refer_reason;
+  $("positive-class").textContent = p.positive_class;
+  $("probability").textContent = p.probability.toFixed(4);
+  $("threshold").textContent = p.threshold.toFixed(4);
+  const u = p.uncertainty;
+  $("unc-method").textContent = u.method;
+  const decision = u.decision_entropy !== undefined ? `decision entropy ${u.decision_entropy.toFixed(4)}, ` : "";
+  $("uncertainty").textContent = `${decision}predictive entropy ${u.predictive_entropy.toFixed(4)} nats, ` +
+    `mutual information ${u.mutual_information.toFixed(4)}, ${u.passes} pass(es)`;
+  $("model-id").textContent = p.model_id;
+  $("prediction-id").textContent = p.id;
+  $("gauge-fill").style.width = `${(100 * p.probability).toFixed(1)}%`;
+  $("gauge-threshold").style.left = `${(100 * p.threshold).toFixed(1)}%`;
+}
+
+async function showImages(id) {
+  for (const url of state.urls.splice(0)) URL.revokeObjectURL(url);
+  try {
+    const [base, heat] = await Promise.all([imageUrl(id, 0), imageUrl(id, 1)]);
+    $("image-base").src = base;
+    $("heatmap-overlay").src = heat;
+    $("viewer").hidden = false;
+    applyOpacity();
+  } catch (e) {
+    $("viewer").hidden = true;
+    showError(`Heat map unavailable: ${e.message}`);
+  }
+}
+
+function applyOpacity() {
+  const value = Number($("opacity").value);
+  $("heatmap-overlay").style.opacity = String(value / 100);
+  $("opacity-value").textContent = `${value}%`;
+}
+
+function remember(p, name) {
+  state.recent = [{ id: p.id, name, label: p.label, probability: p.probability, refer: p.refer, created: p.created }]
+    .concat(state.recent.filter((r) => r.id !== p.id)).slice(0, 20);
+  sessionStorage.setItem("medlens-recent", JSON.stringify(state.recent));
+  renderRecent();
+}
+
+function renderRecent() {
+  const list = $("recent");
+  list.innerHTML = "";
+  for (const r of state.recent) {
+    const item = document.createElement("li");
+    item.textContent = `${r.name}: ${r.label} (p = ${r.probability.toFixed(3)})${r.refer ? " · REFER" : ""}`;
+    item.title = `${r.id} · ${r.created}`;
+    item.addEventListener("click", () => open(r.id));
+    list.appendChild(item);
+  }
+}
+
+async function open(id) {
+  showError("");
+  try {
+    const p = await (await api(`/v1/predictions/${encodeURIComponent(id)}`)).json();
+    showResult(p);
+    await showImages(id);
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function upload(file) {
+  if (!state.key) { showError("Enter an API key first."); return; }
+  showError("");
+  setStatus(`Analysing ${file.name} ...`);
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const method = $("method").value || "softmax";
+    const p = await (await api(`/v1/predictions?uncertainty=${encodeURIComponent(method)}`, { method: "POST", body: form })).json();
+    showResult(p);
+    remember(p, file.name);
+    await showImages(p.id);
+    setStatus(`${file.name}: done.`);
+  } catch (e) {
+    setStatus("");
+    showError(`${file.name}: ${e.message}`);
+  }
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("api-key").value.trim();
+  sessionStorage.setItem("medlens-key", state.key);
+  connect();
+});
+$("file-input").addEventListener("change", (event) => { if (event.target.files[0]) upload(event.target.files[0]); });
+$("opacity").addEventListener("input", applyOpacity);
+const zone = $("drop-zone");
+zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
+zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+zone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  zone.classList.remove("over");
+  if (event.dataTransfer.files[0]) upload(event.dataTransfer.files[0]);
+});
+renderRecent();
+if (state.key) { $("api-key").value = state.key; connect(); }

@@ -1,0 +1,146 @@
+"""The web viewer in a real browser: Debian's Chromium, headless, driven by Playwright, against a real uvicorn
+server on loopback serving a model really trained on Kermany chest X-rays.
+
+It connects with a clinician key, uploads a chest X-ray from the official test split through the file input,
+and checks what a radiologist sees: the probability against the threshold, the refer flag, the heat-map
+overlay (whose opacity slider works) and the list of recent studies. A screenshot is kept as a test artefact
+(MEDLENS_ARTEFACTS, default the test's temporary folder)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import FAST, _link_subset
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+from medlens.cli import main  # noqa: E402
+from medlens.service.app import create_app  # noqa: E402
+from medlens.service.auth import KeyStore  # noqa: E402
+from medlens.service.settings import ServiceSettings  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _require_chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Debian's chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return CHROMIUM
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(kermany, tmp_path_factory, tensor_cache_dir):
+    root = tmp_path_factory.mktemp("viewer-cxr")
+    _link_subset(kermany, root, {"train": 30, "test": 2})
+    run = tmp_path_factory.mktemp("viewer-run") / "r"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
+        # 64 px: the last feature map is 4x4, so the heat map has structure to show
+        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST,
+                     "--set", "data.image_size=64"]) == 0
+    db = tmp_path_factory.mktemp("viewer-db") / "audit.db"
+    settings = dataclasses.replace(ServiceSettings.load(run, database=db, env={}), rate_limit_per_minute=0)
+    with KeyStore(settings.database_url) as store:
+        key = store.create("dr-test", "clinician")
+    app = create_app(run, settings)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the server did not start")
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "key": key, "app": app}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _require_chromium()
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_viewer_upload_shows_probability_refer_flag_and_heatmap(server, browser, kermany, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server["url"] + "/")
+    assert "not for diagnostic use" in page.inner_text("#banner").lower()
+
+    page.fill("#api-key", server["key"])
+    page.click("#connect")
+    page.wait_for_selector("body[data-connected='true']", timeout=15_000)
+    assert "threshold" in page.inner_text("#model")
+
+    xray = sorted((kermany / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    page.set_input_files("#file-input", str(xray))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    page.wait_for_selector("#viewer:not([hidden])", timeout=60_000)
+
+    probability = float(page.inner_text("#probability"))
+    threshold = float(page.inner_text("#threshold"))
+    assert 0.0 <= probability <= 1.0 and 0.0 <= threshold <= 1.0
+    label = page.inner_text("#label")
+    assert label == ("PNEUMONIA" if probability >= threshold else "NORMAL")
+    refer = page.get_attribute("#refer", "data-refer")
+    assert refer in ("true", "false")
+    assert page.inner_text("#refer") in ("Refer to a radiologist", "No referral")
+
+    # both layers are real decoded images of the same size, stacked
+    for img in ("#image-base", "#heatmap-overlay"):
+        page.wait_for_function(f"document.querySelector('{img}').complete && "
+                               f"document.querySelector('{img}').naturalWidth > 0", timeout=30_000)
+    base = page.eval_on_selector("#image-base", "e => [e.naturalWidth, e.naturalHeight]")
+    heat = page.eval_on_selector("#heatmap-overlay", "e => [e.naturalWidth, e.naturalHeight]")
+    assert base == heat and min(base) > 32
+    # the opacity slider drives the overlay
+    page.fill("#opacity", "80")
+    page.dispatch_event("#opacity", "input")
+    assert page.eval_on_selector("#heatmap-overlay", "e => e.style.opacity") == "0.8"
+
+    # the study is listed; the prediction id shown is the one in the audit trail
+    assert xray.name in page.inner_text("#recent")
+    prediction_id = page.inner_text("#prediction-id")
+    row = server["app"].state.service.audit.get(prediction_id)
+    assert row is not None and row.status == 200 and row.user == "dr-test"
+
+    artefacts = Path(os.environ.get("MEDLENS_ARTEFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "viewer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert not errors, errors
+    page.close()
+
+
+def test_viewer_wrong_key_says_so(server, browser):
+    page = browser.new_page()
+    page.goto(server["url"] + "/")
+    page.fill("#api-key", "mlk_not-a-key")
+    page.click("#connect")
+    page.wait_for_selector("#error:not([hidden])", timeout=15_000)
+    assert "could not connect" in page.inner_text("#error").lower()
+    page.close()
