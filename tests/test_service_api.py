@@ -5,6 +5,7 @@ a schemathesis fuzz of the whole schema that must find no 5xx."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -16,8 +17,10 @@ import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+import torch
 from conftest import require_shared
 
 pytest.importorskip("fastapi")
@@ -37,6 +40,7 @@ from test_cli import FAST, _link_subset  # noqa: E402
 from medlens.cli import build_parser, main  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
 from medlens.service.auth import KeyStore  # noqa: E402
+from medlens.service.batching import MicroBatcher  # noqa: E402
 from medlens.service.settings import ServiceSettings  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
@@ -360,6 +364,36 @@ def test_micro_batching_serves_concurrent_requests_in_fewer_forward_passes(clien
     batches = state.runner.stats.batches - before_batches
     assert 1 <= batches < 16, f"16 concurrent requests took {batches} forward passes"
     assert state.audit.count(action="predict") - before_rows == 16
+
+
+def test_batcher_groups_by_method_isolates_failures_and_drops_abandoned_requests():
+    """The micro-batcher on its own, with a fake model: one call per method group, results back in order,
+    a failing group fails only its own requests, and a request that gave up is not computed."""
+    calls: list[tuple[str, int]] = []
+
+    def fake(images, method):
+        calls.append((method, len(images)))
+        if method == "mc":
+            raise ValueError("boom")
+        return {"probability": images.float().mean(dim=(1, 2, 3)).numpy(), "passes": np.ones(len(images), int)}
+
+    images = [torch.full((1, 1, 2, 2), i, dtype=torch.uint8) for i in range(6)]
+
+    async def scenario():
+        with MicroBatcher(fake, max_size=8, max_wait_ms=100, workers=2) as batcher:
+            results = await asyncio.gather(*(batcher.submit(im, "softmax") for im in images),
+                                           batcher.submit(images[1], "mc"), return_exceptions=True)
+            abandoned = asyncio.ensure_future(batcher.submit(images[2], "softmax"))
+            await asyncio.sleep(0.02)
+            abandoned.cancel()
+            await asyncio.sleep(0.2)
+            return results, batcher.stats
+
+    results, stats = asyncio.run(scenario())
+    assert [r["probability"] for r in results[:6]] == [float(i) for i in range(6)]
+    assert isinstance(results[6], ValueError)
+    assert sorted(calls) == [("mc", 1), ("softmax", 6)]
+    assert (stats.requests, stats.batches, stats.dropped) == (8, 2, 1)
 
 
 # ------------------------------------------------------------------------------------------------- privacy

@@ -397,9 +397,9 @@ class ServiceState:
         if self.batching:
             self.runner = MicroBatcher(self._predict, max_size=self.settings.batch_max_size,
                                        max_wait_ms=self.settings.batch_max_wait_ms, workers=workers,
-                                       lock=self.lock, on_batch=self.metrics.observe_batch)
+                                       threads=threads or None, lock=self.lock, on_batch=self.metrics.observe_batch)
         else:
-            self.runner = DirectRunner(self._predict, workers=workers, lock=self.lock,
+            self.runner = DirectRunner(self._predict, workers=workers, threads=threads or None, lock=self.lock,
                                        on_batch=self.metrics.observe_batch)
         self.runner.start()
         self.metrics.set_model(card.model_id, card.weights_sha256, medlens.__version__)

@@ -180,13 +180,13 @@ class MicroBatcher:
 
     ``predict(images, method)`` is the batched model call, ``max_size`` the most images per call and
     ``max_wait_ms`` how long the first image of a batch waits for company; ``workers`` model calls may run
-    at once (default 1). ``lock`` (a :class:`ModelLock`) is held around each call; ``on_batch(size, method,
-    seconds)`` is called after each. Use :meth:`start` and :meth:`stop` (the service's lifespan does), or
-    the object as a context manager.
+    at once (default 1), each on ``threads`` torch threads (None: torch's setting). ``lock`` (a
+    :class:`ModelLock`) is held around each call; ``on_batch(size, method, seconds)`` is called after each.
+    Use :meth:`start` and :meth:`stop` (the service's lifespan does), or the object as a context manager.
     """
 
     def __init__(self, predict: PredictFn, *, max_size: int = 16, max_wait_ms: float = 5.0, workers: int = 1,
-                 lock: ModelLock | None = None, on_batch: BatchHook | None = None):
+                 threads: int | None = None, lock: ModelLock | None = None, on_batch: BatchHook | None = None):
         if max_size < 1:
             raise ValueError("max_size must be >= 1")
         if max_wait_ms < 0:
@@ -197,6 +197,7 @@ class MicroBatcher:
         self.max_size = int(max_size)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.workers = int(workers)
+        self.threads = threads
         self.lock = lock or ModelLock()
         self.on_batch = on_batch
         self.stats = RunnerStats()
@@ -275,6 +276,7 @@ class MicroBatcher:
         return items, False
 
     def _run(self) -> None:
+        _set_threads(self.threads)
         while True:
             with self._collecting:
                 first = self._queue.get()
@@ -334,17 +336,25 @@ class MicroBatcher:
             pass
 
 
+def _set_threads(threads: int | None) -> None:
+    """Torch's intra-op thread count for the calling thread (OpenMP keeps one per thread), if given."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 class DirectRunner:
     """No batching: each request runs its own ``predict(image, method)`` on a thread pool.
 
     Same interface as :class:`MicroBatcher` (``start``, ``stop``, ``submit``, ``stats``). ``workers``
-    bounds the forward passes running at once (default: the number of CPUs available to the process).
+    bounds the forward passes running at once (default: the number of CPUs available to the process), each
+    on ``threads`` torch threads (None: torch's setting).
     """
 
-    def __init__(self, predict: PredictFn, *, workers: int | None = None, lock: ModelLock | None = None,
-                 on_batch: BatchHook | None = None):
+    def __init__(self, predict: PredictFn, *, workers: int | None = None, threads: int | None = None,
+                 lock: ModelLock | None = None, on_batch: BatchHook | None = None):
         self.predict = predict
         self.workers = workers or default_workers()
+        self.threads = threads
         self.lock = lock or ModelLock()
         self.on_batch = on_batch
         self.stats = RunnerStats()
@@ -352,7 +362,8 @@ class DirectRunner:
 
     def start(self) -> DirectRunner:
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="medlens-predict")
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="medlens-predict",
+                                                               initializer=_set_threads, initargs=(self.threads,))
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
