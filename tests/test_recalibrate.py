@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import FAST, _link_subset
 
 from medlens.cli import main
-from test_cli import FAST, _link_subset
 
 
 @pytest.fixture(autouse=True)

@@ -144,6 +144,8 @@ def test_predict_png_and_jpeg_then_read_back_and_heatmap(client, state, keys, ke
                                               else 1 - card.positive_class]
         assert p["threshold"] == pytest.approx(card.threshold, abs=1e-6)
         assert p["uncertainty"]["method"] == "softmax" and p["uncertainty"]["passes"] == 1
+        # refer is the card's policy: decision entropy above the threshold chosen on held-apart validation
+        assert p["refer"] == (p["uncertainty"]["decision_entropy"] > card.refer["thresholds"]["softmax"])
         assert p["model_id"] == card.model_id and p["weights_sha256"] == card.weights_sha256 and p["version"]
         assert p["input"]["format"] == fmt and p["input"]["sha256"] == hashlib.sha256(data).hexdigest()
         row = _row(state, r)  # acknowledged = audited

@@ -119,8 +119,11 @@ class ErrorResponse(BaseModel):
 
 class Uncertainty(BaseModel):
     method: UncertaintyMethod = Field(description="how the uncertainty was estimated")
-    predictive_entropy: float = Field(description="entropy of the mean predictive distribution (nats); "
-                                                  "the referral measure")
+    predictive_entropy: float = Field(description="entropy of the mean predictive distribution (nats), centred "
+                                                  "on p = 0.5")
+    decision_entropy: float = Field(description="entropy of the call at the operating threshold (nats): the "
+                                                "probability shifted in logit space so the threshold sits at 0.5; "
+                                                "the referral measure")
     mutual_information: float = Field(description="epistemic part of the entropy (nats); 0 for softmax")
     variance: float = Field(description="variance of the positive-class probability over the passes")
     passes: int = Field(description="stochastic passes (1 for softmax)")
@@ -1154,6 +1157,7 @@ def _prediction(ctx: RequestContext, st: ServiceState, method: str, result: dict
         "uncertainty": {
             "method": method,
             "predictive_entropy": round(float(result["predictive_entropy"]), 6),
+            "decision_entropy": round(float(result["decision_entropy"]), 6),
             "mutual_information": round(float(result["mutual_information"]), 6),
             "variance": round(float(result["variance"]), 8),
             "passes": int(result["passes"]),
