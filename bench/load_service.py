@@ -1,0 +1,540 @@
+"""Load test of the clinical service (issue #4, bar 2): a real `medlens serve` process on loopback, N concurrent
+clients posting real chest X-rays for a fixed time, with and without micro-batching; then the audit trail is
+checked against what the clients were told.
+
+    python bench/load_service.py --run RUN                          # 60 s, 16 clients, both modes
+    python bench/load_service.py --run RUN --seconds 5 --clients 4 --result /tmp/load.json   # smoke run
+
+For each mode (``batching``: the default server; ``no-batching``: ``medlens serve --no-batching``) it
+
+1. creates a fresh SQLite audit database in a temporary folder and a clinician key with the CLI
+   (``medlens keys create load-client --role clinician --db DB``);
+2. starts ``python -m medlens.cli serve RUN --port P --db DB`` as a separate process (its own stdout/stderr
+   go to a log file) and waits for ``/readyz``;
+3. runs ``--clients`` concurrent clients (asyncio + one shared ``httpx.AsyncClient`` with one keep-alive
+   connection per client) that POST images from ``--images`` (both classes, interleaved) to
+   ``/v1/predictions`` back to back: ``--warmup`` seconds first (not counted in the statistics), then
+   ``--seconds`` measured. Each request records its status, its latency (request sent to response read) and,
+   for a 200, the ``X-Request-ID`` (an *acknowledged* request). After the window no new request starts and
+   the ones in flight are waited for, so at the end nothing is in flight;
+4. scrapes ``/metrics`` (the ``medlens_batch_size`` histogram), stops the server with SIGINT (uvicorn's
+   graceful shutdown) and opens the audit database directly (``PRAGMA integrity_check``, then
+   :class:`medlens.service.audit.AuditLog`): the ``predict`` rows with status 200 must be exactly the
+   acknowledged ids, each once, and no response may be a 5xx.
+
+Throughput is the number of 200 responses completed inside the measured window divided by its length; the
+latency percentiles are over those responses. Status and error counts cover every request of the run
+(warm-up included), since the bar is "0 responses 5xx" and "audit rows = acknowledged requests" for all.
+
+The per-key rate limit is turned off in the server under test (``MEDLENS_RATE_LIMIT_PER_MINUTE=0``; the
+default of 120 a minute per key would answer most of this load with 429); every other setting is the
+service's default (request timeout 30 s, batches of up to 16 images waiting at most 5 ms, one model worker
+per core with one torch thread each, uvicorn's access log on). Other ``MEDLENS_*`` variables of the caller
+are not passed to the server.
+
+CPU. The clients run in this process, on the same cores as the server (the bar asks for loopback). To keep
+them out of the server's way the clients are one asyncio thread, every request body is encoded once up
+front, and response bodies are not parsed. The result records the CPU seconds the server, the clients and
+everything else on the machine used during the measured window (from ``/proc``), so a reader can see what
+share of the cores the clients took and whether the machine was quiet. Run it on a quiet machine: on 2
+cores a second busy process changes the numbers several-fold.
+
+Writes ``bench/results/load_service-cpu.json`` (``--result`` to change) and prints a table. Exit code 0 if
+every mode had no 5xx, a matching audit trail and a clean server stop; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
+
+import medlens
+from medlens.models.card import _find_card
+from medlens.service.audit import AuditLog
+from medlens.service.settings import database_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_IMAGES = SHARED / "chest_xray" / "test"
+DEFAULT_RESULT = ROOT / "bench" / "results" / "load_service-cpu.json"
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
+MODES = {"batching": [], "no-batching": ["--no-batching"]}
+#: the server's environment on top of the caller's (minus the caller's MEDLENS_* settings)
+SERVER_ENV = {"MEDLENS_RATE_LIMIT_PER_MINUTE": "0"}
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 120.0  # the client's; the server answers 504 after its own 30 s
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    body: bytes  # the whole multipart/form-data body, encoded once
+    content_type: str
+
+
+def load_uploads(folder: Path, limit: int) -> list[Upload]:
+    """Up to ``limit`` images from ``folder``'s class subfolders (NORMAL / PNEUMONIA ...), classes interleaved,
+    each as a ready multipart body (field ``file``)."""
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SystemExit(f"{folder}: no class subfolders with images")
+    per_class = [sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                 for d in classes]
+    share = max(1, limit // len(classes))
+    picked = [p for group in zip(*(files[:share] for files in per_class if files), strict=False) for p in group]
+    if not picked:
+        raise SystemExit(f"{folder}: no PNG / JPEG / DICOM images in its class subfolders")
+    boundary = "medlens-load-" + os.urandom(8).hex()
+    uploads = []
+    for path in picked[:limit]:
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"upload{path.suffix}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        body = head + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        uploads.append(Upload(f"{path.parent.name}/{path.name}", body, f"multipart/form-data; boundary={boundary}"))
+    return uploads
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLENS_")}
+    env.update(SERVER_ENV)
+    return env
+
+
+def medlens_cli(*args: str) -> list[str]:
+    """The ``medlens`` command line run by this interpreter (the process started is the server itself)."""
+    return [sys.executable, "-m", "medlens.cli", *args]
+
+
+def create_key(db: Path) -> str:
+    out = subprocess.run(medlens_cli("keys", "create", "load-client", "--role", "clinician", "--db", str(db)),
+                         env=server_env(), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(f"`medlens keys create` failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+class Server:
+    """One ``medlens serve`` process on loopback with its own log file."""
+
+    def __init__(self, run: Path, db: Path, port: int, extra: list[str], log_path: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.args = medlens_cli("-v", "serve", str(run), "--port", str(port), "--db", str(db), *extra)
+        self._log = open(log_path, "wb")  # a file, not a pipe: a full pipe would stall the server
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
+                                     cwd=log_path.parent)
+
+    def log_tail(self, n: int = 30) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"the server exited ({self.proc.returncode}) before it was ready:\n"
+                                     f"{self.log_tail()}")
+                try:
+                    r = client.get(self.url + "/readyz")
+                    if r.status_code == 200:
+                        return r.json()
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        self.kill()
+        raise SystemExit(f"the server was not ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float | None:
+        return process_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGINT (uvicorn's graceful shutdown), then wait; SIGKILL only if it hangs."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            rc = self.proc.wait(STOP_TIMEOUT_S)
+            killed = False
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            killed = True
+        self._log.close()
+        text = self.log_path.read_text(errors="replace")
+        return {"returncode": rc, "needed_sigkill": killed,
+                "shutdown_complete": "Application shutdown complete" in text,
+                "clean": not killed and "Application shutdown complete" in text}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores have been busy since boot (``/proc/stat``), or None."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------------------------ clients
+
+
+@dataclass
+class Result:
+    client: int
+    start: float  # time.perf_counter()
+    end: float
+    status: int | None  # None: no HTTP response (transport error)
+    error: str | None  # the transport error's type
+    request_id: str | None  # X-Request-ID of a 200 (acknowledged)
+
+
+async def run_clients(url: str, key: str, uploads: list[Upload], clients: int, stop_at: float) -> list[Result]:
+    """``clients`` loops posting uploads back to back until ``stop_at`` (perf_counter); waits for the last ones."""
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) as http:
+
+        async def client(k: int) -> None:
+            n = k  # client k starts at image k, so the clients do not all send the same file at once
+            while time.perf_counter() < stop_at:
+                upload = uploads[n % len(uploads)]
+                n += clients
+                headers = {"Authorization": f"Bearer {key}", "Content-Type": upload.content_type}
+                start = time.perf_counter()
+                try:
+                    r = await http.post("/v1/predictions", content=upload.body, headers=headers)
+                    await r.aread()
+                except httpx.TransportError as exc:
+                    results.append(Result(k, start, time.perf_counter(), None, type(exc).__name__, None))
+                    await asyncio.sleep(0.05)  # do not spin on a dead server
+                    continue
+                end = time.perf_counter()
+                ack = r.headers.get("x-request-id") if r.status_code == 200 else None
+                results.append(Result(k, start, end, r.status_code, None, ack))
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def scrape_batch_sizes(url: str) -> dict[str, Any]:
+    """The ``medlens_batch_size`` histogram from ``/metrics``: model calls per batch-size bucket, mean size."""
+    text = httpx.get(url + "/metrics", timeout=30.0).text
+    cumulative: dict[float, float] = collections.defaultdict(float)
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "medlens_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                cumulative[float(sample.labels["le"])] += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    buckets: dict[str, int] = {}  # "3-4": model calls on 3 or 4 images
+    below = previous = 0.0
+    for le in sorted(cumulative):
+        low = int(previous) + 1
+        if le == float("inf"):
+            label = f">{int(previous)}"
+        else:
+            label = str(int(le)) if low >= le else f"{low}-{int(le)}"
+        if cumulative[le] - below:
+            buckets[label] = int(cumulative[le] - below)
+        below, previous = cumulative[le], le
+    return {"model_calls": int(count), "images": int(total), "mean": round(total / count, 2) if count else None,
+            "calls_by_size": buckets}
+
+
+def check_audit(db: Path, acknowledged: list[str]) -> dict[str, Any]:
+    """Compare the stopped server's audit trail with the acknowledged request ids."""
+    with sqlite3.connect(db) as conn:  # the raw file first: does it open, is it intact
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    with AuditLog(database_url(db)) as log:
+        t = log.table
+        with log.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.request_id, t.c.status).where(t.c.action == "predict")).all()
+            by_action = dict(conn.execute(sa.select(t.c.action, sa.func.count()).group_by(t.c.action)).all())
+    ids = collections.Counter(rid for rid, _ in rows)
+    ok_rows = [rid for rid, status in rows if status == 200]
+    acked = collections.Counter(acknowledged)
+    missing = [rid for rid in acked if ids[rid] == 0]
+    duplicated = sorted(rid for rid, n in ids.items() if n > 1) + sorted(rid for rid, n in acked.items() if n > 1)
+    unacknowledged = sorted(set(ok_rows) - set(acked))
+    result = {
+        "integrity_check": integrity,
+        "acknowledged": len(acknowledged),
+        "predict_rows_status_200": len(ok_rows),
+        "predict_rows_total": len(rows),
+        "predict_rows_by_status": dict(sorted(collections.Counter(str(s) for _, s in rows).items())),
+        "rows_by_action": by_action,
+        "missing_acknowledged_ids": len(missing),
+        "duplicated_ids": len(duplicated),
+        "status_200_rows_not_acknowledged": len(unacknowledged),
+    }
+    result["ok"] = (integrity == "ok" and len(ok_rows) == len(acknowledged) and not missing and not duplicated
+                    and not unacknowledged)
+    if missing:
+        result["missing_examples"] = missing[:5]
+    return result
+
+
+def startup_line(log_path: Path) -> str | None:
+    """The server's "serving ..." log line (workers x torch threads, batching, load time), without settings."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "serving " in line and "model workers" in line:
+            return line.split("; settings ")[0].removeprefix("medlens: ")
+    return None
+
+
+def percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
+    ms = np.asarray(latencies) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": round(float(p50), 1), "p90": round(float(p90), 1), "p99": round(float(p99), 1),
+            "mean": round(float(ms.mean()), 1), "max": round(float(ms.max()), 1)}
+
+
+# ------------------------------------------------------------------------------------------------- a mode
+
+
+def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: Path) -> dict[str, Any]:
+    folder = work / mode
+    folder.mkdir()
+    db = folder / "audit.db"
+    key = create_key(db)
+    port = args.port or free_port()
+    server = Server(args.run, db, port, MODES[mode], folder / "server.log")
+    try:
+        ready = server.wait_ready()
+        print(f"[{mode}] server ready ({ready.get('model_id')}); {args.clients} clients, {args.warmup:g} s warm-up "
+              f"+ {args.seconds:g} s", file=sys.stderr)
+        load_before = os.getloadavg()
+        began = time.perf_counter()
+        window_start = began + args.warmup
+        window_end = window_start + args.seconds
+        marks: dict[str, Any] = {}
+
+        async def measure() -> list[Result]:
+            async def sample_cpu() -> None:  # CPU counters at the window's edges
+                await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+                marks["start"] = (time.perf_counter(), server.cpu_seconds(), time.process_time(),
+                                  machine_busy_seconds())
+                await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+                marks["end"] = (time.perf_counter(), server.cpu_seconds(), time.process_time(), machine_busy_seconds())
+
+            sampler = asyncio.ensure_future(sample_cpu())
+            results = await run_clients(server.url, key, uploads, args.clients, window_end)
+            await sampler
+            return results
+
+        results = asyncio.run(measure())
+        drained = time.perf_counter()
+        batches = scrape_batch_sizes(server.url)
+    except BaseException:
+        server.kill()
+        raise
+    stop = server.stop()
+    acknowledged = [r.request_id for r in results if r.request_id]
+    audit = check_audit(db, acknowledged)
+
+    in_window = [r for r in results if r.status == 200 and window_start <= r.end <= window_end]
+    statuses = collections.Counter(str(r.status) if r.status is not None else r.error for r in results)
+    server_errors = sum(1 for r in results if r.status is not None and r.status >= 500)
+    cpu = None
+    if "start" in marks and "end" in marks:
+        (t0, s0, c0, m0), (t1, s1, c1, m1) = marks["start"], marks["end"]
+        wall = t1 - t0
+        server_cpu = None if s0 is None or s1 is None else s1 - s0
+        client_cpu = c1 - c0
+        machine = None if m0 is None or m1 is None else m1 - m0
+        cores = os.cpu_count() or 1
+        cpu = {
+            "window_s": round(wall, 2),
+            "core_seconds_available": round(wall * cores, 1),
+            "server_cpu_s": None if server_cpu is None else round(server_cpu, 1),
+            "clients_cpu_s": round(client_cpu, 1),
+            "other_processes_cpu_s": (None if machine is None or server_cpu is None
+                                      else round(max(0.0, machine - server_cpu - client_cpu), 1)),
+            "clients_share_of_cores": round(client_cpu / (wall * cores), 3),
+            "server_share_of_cores": None if server_cpu is None else round(server_cpu / (wall * cores), 3),
+        }
+    return {
+        "mode": mode,
+        "server_command": " ".join(["medlens", *server.args[3:]]),
+        "requests": len(results),
+        "requests_in_window_ok": len(in_window),
+        "throughput_rps": round(len(in_window) / args.seconds, 2),
+        "latency_ms": percentiles_ms([r.end - r.start for r in in_window]),
+        "responses_by_status": dict(sorted(statuses.items())),
+        "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
+        "responses_5xx": server_errors,
+        "drain_s": round(drained - window_end, 2),
+        "audit": audit,
+        "batch_size": batches,
+        "cpu": cpu,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "server_startup": startup_line(server.log_path),
+        "server_stop": stop,
+        "passed": server_errors == 0 and audit["ok"] and stop["clean"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_table(result: dict[str, Any]) -> None:
+    head = f"{'mode':<12} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'5xx':>4} " \
+           f"{'other errors':>12} {'audit':>6} {'mean batch':>10} {'client CPU':>10}"
+    print(head)
+    print("-" * len(head))
+    for mode, m in result["modes"].items():
+        lat = m["latency_ms"]
+        other = sum(v for k, v in m["errors_by_status"].items() if not k.startswith("5"))
+        audit = "ok" if m["audit"]["ok"] else "FAIL"
+        share = m["cpu"]["clients_share_of_cores"] if m["cpu"] else None
+        print(f"{mode:<12} {m['requests']:>8} {m['throughput_rps']:>7.1f} {lat['p50'] or 0:>8.1f} "
+              f"{lat['p90'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} {m['responses_5xx']:>4} {other:>12} {audit:>6} "
+              f"{m['batch_size']['mean'] or 0:>10} {'-' if share is None else f'{share:.0%}':>10}")
+    ratio = result.get("throughput_ratio_batching_over_no_batching")
+    if ratio is not None:
+        print(f"micro-batching throughput / no batching: {ratio:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="a trained run directory (`medlens train --out RUN`)")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
+                   help="folder with class subfolders of chest X-rays (default ../shared/data/chest_xray/test)")
+    p.add_argument("--max-images", type=int, default=64, help="images held in memory and cycled through")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured window per mode")
+    p.add_argument("--warmup", type=float, default=5.0, help="load before the window, not in the statistics")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    p.add_argument("--modes", default="batching,no-batching", help="comma-separated: batching, no-batching")
+    p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--result", type=Path, default=DEFAULT_RESULT, help="JSON to write")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, server logs)")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        p.error(f"unknown mode(s) {unknown}: use {', '.join(MODES)}")
+    if not args.run.is_dir() or not list(args.run.glob("*.card.json")):
+        p.error(f"{args.run} is not a trained run (no model card in it)")
+    if args.clients < 1 or args.seconds <= 0 or args.warmup < 0:
+        p.error("--clients must be >= 1, --seconds > 0 and --warmup >= 0")
+    args.run = args.run.resolve()
+    uploads = load_uploads(args.images, args.max_images)
+
+    work = Path(tempfile.mkdtemp(prefix="medlens-load-"))
+    results: dict[str, Any] = {}
+    try:
+        for mode in modes:
+            results[mode] = run_mode(mode, args, uploads, work)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+    card = json.loads(_find_card(args.run).read_text())
+    cores = os.cpu_count() or 1
+    result: dict[str, Any] = {
+        "bench": "load_service",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": {"cpu": cpu_model(), "cores": cores,
+                   "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores,
+                   "platform": platform.platform(), "python": platform.python_version()},
+        "medlens_version": medlens.__version__,
+        "run": str(args.run),
+        "model_id": card.get("model_id"),
+        "model_name": card.get("model_name"),
+        "input_size": card.get("input_size"),
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "warmup_s": args.warmup,
+        "images": {"folder": str(args.images), "count": len(uploads),
+                   "mean_bytes": round(float(np.mean([len(u.body) for u in uploads])))},
+        "server_settings": {**SERVER_ENV, "note": "every other setting is the service default; the caller's "
+                                                  "MEDLENS_* variables are not passed on"},
+        "clients_share_cores": (f"the {args.clients} clients run in the benchmark process on the same "
+                                f"{cores} cores as the server (loopback); see each mode's cpu block for the CPU "
+                                "seconds they took during the window"),
+        "modes": results,
+    }
+    if "batching" in results and "no-batching" in results and results["no-batching"]["throughput_rps"]:
+        result["throughput_ratio_batching_over_no_batching"] = round(
+            results["batching"]["throughput_rps"] / results["no-batching"]["throughput_rps"], 2)
+    result["passed"] = all(m["passed"] for m in results.values())
+    args.result.parent.mkdir(parents=True, exist_ok=True)
+    args.result.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.result}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Fault test of the clinical service (issue #4, bar 3): ``kill -9`` the server under load, restart it.
+
+A real ``medlens serve`` process (``python -m medlens.cli serve``: the process started *is* the uvicorn
+server, there is no wrapper in between) serves a tiny model really trained on Kermany chest X-rays, with a
+fresh SQLite audit database. A few client threads post real X-rays over loopback; once at least
+``ACKS_BEFORE_KILL`` predictions were acknowledged (200 + ``X-Request-ID``), the server gets SIGKILL. Then:
+
+- the database file is intact (``PRAGMA integrity_check``), its WAL is recovered on opening, and
+  :class:`~medlens.service.audit.AuditLog` opens it cleanly;
+- every acknowledged request has exactly one audit row, with status 200; no request id appears twice; rows
+  for requests that were never acknowledged (audited, then killed before the answer left) are at most the
+  requests in flight at the kill, i.e. at most one per client;
+- the server restarts on the same database, becomes ready, serves an acknowledged prediction from before
+  the kill (read from the audit trail) and a new prediction, which is audited.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import FAST, _link_subset
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from medlens.cli import main  # noqa: E402
+from medlens.service.audit import AuditLog  # noqa: E402
+from medlens.service.settings import database_url  # noqa: E402
+
+CLIENTS = 4
+ACKS_BEFORE_KILL = 20
+READY_TIMEOUT_S = 90.0
+LOAD_TIMEOUT_S = 60.0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def run_dir(kermany, tmp_path_factory, tensor_cache_dir) -> Path:
+    """A tiny model really trained on Kermany images (seconds on 2 cores)."""
+    root = tmp_path_factory.mktemp("fault-cxr")
+    _link_subset(kermany, root, {"train": 30, "test": 2})
+    run = tmp_path_factory.mktemp("fault-run") / "r"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
+        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_env() -> dict[str, str]:
+    """The caller's environment without its MEDLENS_* settings, and no rate limit (the clients share a key)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLENS_")}
+    env["MEDLENS_RATE_LIMIT_PER_MINUTE"] = "0"
+    return env
+
+
+class Server:
+    """``medlens serve RUN`` in its own process on a free loopback port, logging to a file."""
+
+    def __init__(self, run: Path, db: Path, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "ab") as out:  # a file, not a pipe: nobody reads a pipe while the server runs
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "medlens.cli", "serve", str(run), "--port", str(self.port), "--db", str(db)],
+                stdout=out, stderr=subprocess.STDOUT, env=_server_env(), cwd=db.parent)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited ({self.proc.returncode}) before it was ready:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=5.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"the server was not ready within {READY_TIMEOUT_S:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _post(client: httpx.Client, key: str, image: Path) -> httpx.Response:
+    return client.post("/v1/predictions", files={"file": (image.name, image.read_bytes())},
+                       headers={"Authorization": f"Bearer {key}"})
+
+
+def _predict_rows(db: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT request_id, status FROM audit WHERE action = 'predict'").fetchall()
+
+
+# --------------------------------------------------------------------------------------------------- test
+
+
+def test_kill_9_under_load_loses_no_acknowledged_audit_row(run_dir, kermany, tmp_path, capsys):
+    db = tmp_path / "audit.db"
+    assert main(["keys", "create", "fault-client", "--role", "clinician", "--db", str(db)]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    images = [p for cls in ("NORMAL", "PNEUMONIA") for p in sorted((kermany / "test" / cls).iterdir())[:4]]
+
+    server = Server(run_dir, db, tmp_path / "server-1.log")
+    try:
+        server.wait_ready()
+
+        # -- load: CLIENTS threads post X-rays back to back until the server dies
+        acknowledged: list[str] = []
+        failures: collections.Counter[str] = collections.Counter()
+        lock = threading.Lock()
+        enough = threading.Event()
+        killed = threading.Event()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=30.0) as http:
+                n = k
+                while not killed.is_set():
+                    try:
+                        r = _post(http, key, images[n % len(images)])
+                    except httpx.TransportError as exc:  # expected once the server is killed
+                        with lock:
+                            failures[type(exc).__name__] += 1
+                        if killed.is_set():
+                            return
+                        time.sleep(0.05)
+                        continue
+                    n += CLIENTS
+                    with lock:
+                        if r.status_code == 200:
+                            acknowledged.append(r.headers["x-request-id"])
+                            if len(acknowledged) >= ACKS_BEFORE_KILL:
+                                enough.set()
+                        else:
+                            failures[str(r.status_code)] += 1
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        assert enough.wait(LOAD_TIMEOUT_S), f"only {len(acknowledged)} acknowledged in {LOAD_TIMEOUT_S:.0f} s:\n" \
+                                            f"{server.tail()}"
+        os.kill(server.proc.pid, signal.SIGKILL)  # the uvicorn process itself (no wrapper, no workers)
+        assert server.proc.wait(10) == -signal.SIGKILL
+        killed.set()
+        for t in threads:
+            t.join(40)
+            assert not t.is_alive(), "a client hung after the kill"
+        with lock:
+            acked = list(acknowledged)
+        with pytest.raises(httpx.TransportError):  # nothing survived the kill on that port
+            httpx.get(server.url + "/healthz", timeout=2.0)
+        assert not {k for k in failures if k[0] == "5"}, f"5xx before the kill: {failures}"
+        assert set(failures) <= {"ReadError", "RemoteProtocolError", "ConnectError", "WriteError"}, failures
+
+        # -- the database after the kill: the WAL is left behind, the file opens and is intact
+        assert Path(f"{db}-wal").exists(), "no WAL after kill -9: the test did not exercise WAL recovery"
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        with AuditLog(database_url(db)) as log:
+            assert log.ping()
+            total = log.count(action="predict")
+            for rid in acked:
+                row = log.get(rid)
+                assert row is not None, f"acknowledged request {rid} has no audit row"
+                assert row.status == 200 and row.action == "predict" and row.output["id"] == rid
+
+        rows = _predict_rows(db)
+        counts = collections.Counter(rid for rid, _ in rows)
+        assert len(acked) == len(set(acked)) >= ACKS_BEFORE_KILL
+        assert not [rid for rid, n in counts.items() if n > 1], "a request id is in the audit trail twice"
+        assert all(counts[rid] == 1 for rid in acked)
+        assert total == len(rows) >= len(acked)
+        unacknowledged = set(counts) - set(acked)
+        assert len(unacknowledged) <= CLIENTS, (
+            f"{len(unacknowledged)} audited predictions were never acknowledged: more than the {CLIENTS} requests "
+            "that can have been in flight")
+        assert all(status == 200 for _, status in rows), rows  # no 429 / 5xx rows either
+        print(f"kill -9 after {len(acked)} acknowledged; {len(rows)} audited predictions "
+              f"({len(unacknowledged)} in flight at the kill); client errors {dict(failures)}")
+    finally:
+        server.close()
+
+    # -- restart on the same database: ready, old predictions readable, a new one works and is audited
+    server = Server(run_dir, db, tmp_path / "server-2.log")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30.0) as http:
+            old = http.get(f"/v1/predictions/{acked[0]}", headers={"Authorization": f"Bearer {key}"})
+            assert old.status_code == 200 and old.json()["id"] == acked[0], old.text
+            r = _post(http, key, images[0])
+            assert r.status_code == 200, r.text
+            new_id = r.headers["x-request-id"]
+            assert r.json()["id"] == new_id and new_id not in counts
+        with AuditLog(database_url(db)) as log:
+            row = log.get(new_id)
+            assert row is not None and row.status == 200 and row.action == "predict"
+            assert log.count(action="predict") == total + 1
+            assert log.count(action="get_prediction") == 1
+    finally:
+        server.close()
+    assert server.proc.returncode is not None
+    rows = _predict_rows(db)
+    assert len(rows) == len({rid for rid, _ in rows}) == total + 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
