@@ -220,7 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"medlens: serving {run} on http://{args.host}:{args.port} (API docs at /docs; "
           f"{'micro-batching' if not args.no_batching else 'no batching'}); create keys with "
           "`medlens keys create NAME --role clinician --db ...`", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10,
+                access_log=not getattr(args, "no_access_log", False))
     return 0
 
 
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "MEDLENS_DATABASE_URL, else RUN/audit.db)")
     sv.add_argument("--no-batching", action="store_true",
                     help="one forward pass per request instead of micro-batching (for comparison)")
+    sv.add_argument("--no-access-log", action="store_true",
+                    help="do not log each HTTP request to stderr (the audit trail records every /v1 request anyway)")
     sv.set_defaults(func=cmd_serve)
 
     from medlens.service.commands import add_commands
