@@ -70,6 +70,7 @@ from starlette.exceptions import HTTPException
 
 import medlens
 from medlens.errors import MedlensError
+from medlens.service.audit import AuditRecord
 from medlens.service.auth import Identity, role_allows
 from medlens.service.metrics import CONTENT_TYPE, ServiceMetrics
 from medlens.service.settings import ServiceSettings
@@ -181,28 +182,11 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
-class AuditRow(BaseModel):
-    id: int
-    time: str
-    request_id: str
-    user: str | None
-    role: str | None
-    action: str
-    input_sha256: str | None
-    dicom: dict[str, Any] | None
-    model_id: str | None
-    weights_sha256: str | None
-    output: Any
-    latency_ms: float | None
-    status: int
-    error: str | None
-
-
 class AuditPage(BaseModel):
     total: int = Field(description="rows matching the filters")
     limit: int
     offset: int
-    items: list[AuditRow]
+    items: list[AuditRecord] = Field(description="audit rows (the dataclass of medlens.service.audit)")
 
 
 class Health(BaseModel):
