@@ -217,6 +217,52 @@ def test_concurrent_writers(db_url):
     log.close()
 
 
+def test_group_commit_writes_everything_waiting_in_one_transaction(db_url, monkeypatch):
+    from medlens.service.audit import GroupCommitter
+
+    log = AuditLog(db_url)
+    gate, calls = threading.Event(), []
+    real = log.insert_rows
+
+    def slow_first(rows):  # hold the first commit until every other row is queued: they form one batch
+        calls.append(len(rows))
+        if len(calls) == 1:
+            gate.wait(10)
+        return real(rows)
+
+    monkeypatch.setattr(log, "insert_rows", slow_first)
+    writer = GroupCommitter(log)
+    futures = [writer.submit(log.prepare(request_id="g0", action="predict", status=200))]
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:  # the writer is now inside the first commit
+        time.sleep(0.01)
+    futures += [writer.submit(log.prepare(request_id=f"g{i}", action="predict", status=200)) for i in range(1, 40)]
+    futures.append(writer.submit(log.prepare(request_id="g3", action="predict", status=200)))  # a retry
+    gate.set()
+    results = [f.result(timeout=20) for f in futures]
+    writer.close()
+    assert results == [True] * 40 + [False]  # each answered only after its commit; the duplicate not written
+    assert calls == [1, 40] and writer.commits == 2 and writer.rows == 41
+    assert log.count() == 40
+    log.close()
+
+
+def test_group_commit_isolates_a_bad_row(db_url):
+    from medlens.service.audit import GroupCommitter
+
+    log = AuditLog(db_url)
+    writer = GroupCommitter(log)
+    good = log.prepare(request_id="ok-1", action="predict", status=200)
+    bad = dict(log.prepare(request_id="bad-1", action="predict", status=200), status=None)  # NOT NULL
+    futures = [writer.submit(good), writer.submit(bad), writer.submit(dict(good, request_id="ok-2"))]
+    assert futures[0].result(timeout=20) is True and futures[2].result(timeout=20) is True
+    with pytest.raises(Exception):  # noqa: B017 - the driver's integrity error, whichever database
+        futures[1].result(timeout=20)
+    writer.close()
+    assert log.count() == 2 and log.get("bad-1") is None
+    log.close()
+
+
 def test_export_csv_round_trip(db_url, tmp_path):
     log = AuditLog(db_url, hash_key=KEY)
     t0 = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)

@@ -414,6 +414,34 @@ class AuditLog:
         ``on_duplicate="raise"`` raises :class:`DuplicateRequestError` instead). ``dicom`` is de-identified
         here with ``hash_key``; ``output`` is stored as JSON. Bad arguments raise ValueError.
         """
+        row = self.prepare(request_id=request_id, action=action, status=status, user=user, role=role,
+                           input_sha256=input_sha256, dicom=dicom, model_id=model_id,
+                           weights_sha256=weights_sha256, output=output, latency_ms=latency_ms, error=error,
+                           time=time)
+        inserted = self.insert_rows([row])[0]
+        if not inserted and on_duplicate == "raise":
+            raise DuplicateRequestError(f"request id '{request_id}' is already in the audit trail",
+                                        hint="use a new request id for a new request")
+        return inserted
+
+    def prepare(
+        self,
+        *,
+        request_id: str,
+        action: str,
+        status: int,
+        user: str | None = None,
+        role: str | None = None,
+        input_sha256: str | None = None,
+        dicom: Mapping[str, Any] | None = None,
+        model_id: str | None = None,
+        weights_sha256: str | None = None,
+        output: Any = None,
+        latency_ms: float | None = None,
+        error: str | None = None,
+        time: datetime | str | None = None,
+    ) -> dict[str, Any]:
+        """The validated, de-identified row :meth:`record` would write (for :meth:`insert_rows`)."""
         if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
             raise ValueError("request_id must be a non-empty string of at most 128 characters")
         if not isinstance(action, str) or not action:
@@ -428,39 +456,45 @@ class AuditLog:
             if self.hash_key is None:
                 raise ValueError("AuditLog needs hash_key to record DICOM fields")
             dicom_json = _json(deidentify_dicom_fields(dicom, self.hash_key))
-        row = {
+        return {
             "time": utc_iso(time), "request_id": request_id, "user": user, "role": role, "action": action,
             "input_sha256": input_sha256, "dicom": dicom_json, "model_id": model_id,
             "weights_sha256": weights_sha256, "output": None if output is None else _json(output),
             "latency_ms": None if latency_ms is None else float(latency_ms), "status": status, "error": error,
         }
-        inserted = self._insert(row)
-        if not inserted and on_duplicate == "raise":
-            raise DuplicateRequestError(f"request id '{request_id}' is already in the audit trail",
-                                        hint="use a new request id for a new request")
-        return inserted
 
-    def _insert(self, row: dict[str, Any]) -> bool:
+    def insert_rows(self, rows: list[dict[str, Any]]) -> list[bool]:
+        """Append prepared rows in ONE transaction (one commit, one fsync for all of them); per row, True if
+        written, False if its request id was already there. All or nothing: if it raises, none is written.
+
+        This is what makes group commit possible (:class:`GroupCommitter`): the cost of a durable commit is
+        paid once for every row that arrived while the previous commit ran."""
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
             if dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert
             else:
                 from sqlalchemy.dialects.postgresql import insert
-            stmt = insert(self.table).values(**row).on_conflict_do_nothing(index_elements=["request_id"])
-            if dialect == "sqlite":  # RETURNING needs SQLite >= 3.35; the row count is exact here
-                with write_transaction(self.engine) as conn:
-                    return conn.execute(stmt).rowcount == 1
-            with write_transaction(self.engine) as conn:  # psycopg's row count is not: a row back = inserted
-                return conn.execute(stmt.returning(self.table.c.id)).first() is not None
-        try:  # other databases: a plain insert, a duplicate shows as an integrity error
             with write_transaction(self.engine) as conn:
-                conn.execute(self.table.insert().values(**row))
-            return True
-        except IntegrityError:
-            if self.get(row["request_id"]) is None:
-                raise
-            return False
+                out = []
+                for row in rows:
+                    stmt = insert(self.table).values(**row).on_conflict_do_nothing(index_elements=["request_id"])
+                    if dialect == "sqlite":  # RETURNING needs SQLite >= 3.35; the row count is exact here
+                        out.append(conn.execute(stmt).rowcount == 1)
+                    else:  # psycopg's row count is not: a row back = inserted
+                        out.append(conn.execute(stmt.returning(self.table.c.id)).first() is not None)
+                return out
+        out = []
+        for row in rows:  # other databases: a plain insert each; a duplicate shows as an integrity error
+            try:
+                with write_transaction(self.engine) as conn:
+                    conn.execute(self.table.insert().values(**row))
+                out.append(True)
+            except IntegrityError:
+                if self.get(row["request_id"]) is None:
+                    raise
+                out.append(False)
+        return out
 
     # -- reading
 
@@ -585,3 +619,78 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GroupCommitter:
+    """Group commit for the audit trail: one writer thread, one transaction for every row waiting.
+
+    A durable commit (an fsync) costs milliseconds however many rows it holds. Requests hand their prepared row
+    to :meth:`submit` and wait on the returned future; the writer takes everything queued, writes it with
+    :meth:`AuditLog.insert_rows` in one transaction, and resolves each future only after that commit. So a
+    request is still answered only once its own row is durable, while 16 concurrent requests share a commit
+    instead of queueing for 16. No deliberate wait: a batch is what arrived during the previous commit. If
+    a batch fails, its rows are retried one by one, so one bad row fails only its own request.
+    """
+
+    def __init__(self, audit: AuditLog, *, max_rows: int = 256):
+        import queue
+        import threading
+
+        self.audit = audit
+        self.max_rows = max_rows
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = object()
+        self._thread = threading.Thread(target=self._run, name="medlens-audit-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.rows = 0
+
+    def submit(self, row: dict[str, Any]):
+        """Queue a prepared row; the ``concurrent.futures.Future`` resolves to True/False (inserted / duplicate)
+        after the commit that holds it, or to the exception that stopped it."""
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self._queue.put((row, future))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the writer thread."""
+        self._queue.put(self._stop)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            item = self._queue.get()
+            stopping = item is self._stop
+            batch = [] if stopping else [item]
+            while len(batch) < self.max_rows:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is self._stop:
+                    stopping = True
+                    continue
+                batch.append(more)
+            if batch:
+                self._write(batch)
+            if stopping:
+                return
+
+    def _write(self, batch: list) -> None:
+        try:
+            results = self.audit.insert_rows([row for row, _ in batch])
+        except Exception:  # noqa: BLE001 - isolate the failing row: retry each in its own transaction
+            for row, future in batch:
+                try:
+                    future.set_result(self.audit.insert_rows([row])[0])
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+                    future.set_exception(exc)
+            return
+        self.commits += 1
+        self.rows += len(batch)
+        for (_, future), inserted in zip(batch, results, strict=True):
+            future.set_result(inserted)
