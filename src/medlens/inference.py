@@ -138,6 +138,7 @@ class Predictor:
             extra = self.predict_with_uncertainty(torch.cat(batch), method)
             probs = extra.pop("probability")
             refer = extra.pop("refer", None)
+            note = self.refer_note(method)
             for j, (i, p) in enumerate(zip(where, probs, strict=True)):
                 positive = bool(p >= self.card.threshold)
                 results[i].update({
@@ -146,6 +147,7 @@ class Predictor:
                     "positive": positive,
                     "threshold": round(float(self.card.threshold), 6),
                     "refer": None if refer is None else bool(refer[j]),
+                    "refer_reason": note,
                     "model_id": self.card.model_id,
                     "uncertainty": {"method": method, **{
                         k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}},
