@@ -69,6 +69,7 @@ def test_train_writes_a_complete_run(trained_run):
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"] and card["input_size"] == 32
     assert 0 < card["threshold"] < 1 and "sensitivity" in card["threshold_policy"]
     assert card["weights_sha256"] and card["model_id"].startswith("seed_cnn-")
+    assert card["cam_layer"] == "features"  # the explainers' target layer comes from the card
 
 
 def test_evaluate_writes_metrics_with_intervals_and_report(trained_run, small_cxr, capsys):

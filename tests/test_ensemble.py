@@ -75,6 +75,7 @@ def test_train_ensemble_writes_members_and_one_ensemble_card(ensemble_run, tmp_p
     assert card["model_name"] == "ensemble"
     assert [m["name"] for m in card["model_args"]["members"]] == ["seed_cnn", "seed_cnn"]
     assert card["metrics"]["ensemble"]["members"] == 2
+    assert card["cam_layer"] == "features"  # the members' layer, recorded for the explainers
     member_ids = []
     for k in (0, 1):
         member = json.loads((ensemble_run / "members" / str(k) / "model.card.json").read_text())

@@ -141,14 +141,14 @@ def test_lung_energy_measures_the_share_inside_the_mask_and_leaves_out_the_ignor
         def __init__(self, maps):
             self.maps = maps
 
-    def fake_explain(model, x, method, target=None):
+    def fake_explain(x, method, target=None):
         maps = torch.zeros(x.shape[0], SIZE, SIZE)
         maps[:, :, : SIZE // 2] = 3.0
         maps[:, :, SIZE // 2 :] = 1.0
         maps[:, : SIZE // 10 - 1, SIZE // 2 :] = 100.0  # inside the ignore strip: must not count
         return Fake(maps)
 
-    monkeypatch.setattr(trust, "explain", fake_explain)
+    monkeypatch.setattr(predictor, "explain", fake_explain)
     out = trust.lung_energy(predictor, root, _cfg())
     assert out["n"] == 3 and out["flat_maps"] == 0
     ignore_rows = round(10 / 100 * SIZE)  # the mask strip after nearest-neighbour resizing
@@ -158,6 +158,22 @@ def test_lung_energy_measures_the_share_inside_the_mask_and_leaves_out_the_ignor
     expected = 3 * left / (3 * left + 1 * valid_right)
     assert out["energy_in_lungs_mean"] == pytest.approx(expected, abs=0.02)
     assert out["ratio_to_area"] > 1 and out["share_above_area"] == 1.0
+
+
+def test_explanations_use_the_layer_named_in_the_card(predictor, images):
+    import dataclasses
+
+    x, _ = images
+    from medlens.models.card import normalize_batch
+
+    xn = normalize_batch(x[:2], predictor.card.intensity)
+    assert predictor.explain_options("gradcam") == {}  # no layer in this card: the model's default
+    other = dataclasses.replace(predictor, card=dataclasses.replace(predictor.card, cam_layer="features.0"))
+    assert other.explain_options("gradcam") == {"layer": "features.0"}
+    assert other.explain_options("occlusion") == {}  # perturbs the input only
+    a = predictor.explain(xn, "gradcam").maps
+    b = other.explain(xn, "gradcam").maps
+    assert a.shape == b.shape and not torch.equal(a, b)  # a different layer, a different map
 
 
 def test_report_shows_uncertainty_and_explanation_sections(predictor, images, tmp_path):

@@ -121,7 +121,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from medlens.data.readers import read_image
-    from medlens.explain import explain, save_overlay
+    from medlens.explain import save_overlay
     from medlens.inference import Predictor
     from medlens.models.card import normalize_batch
 
@@ -135,7 +135,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     target = args.target
     if target is None:
         target = card.positive_class if prob >= card.threshold else 1 - card.positive_class
-    result = explain(predictor.model, x, args.method, target=target)
+    result = predictor.explain(x, args.method, target=target)
     cam = result.maps[0].detach().cpu().numpy()
     out = Path(args.out) if args.out else Path(f"{Path(args.file).stem}.{args.method}.png")
     save_overlay(out, image, cam, alpha=args.alpha)

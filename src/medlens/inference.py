@@ -106,6 +106,21 @@ class Predictor:
             out["refer"] = out[refer.get("measure", "predictive_entropy")] > float(threshold)
         return out
 
+    def explain_options(self, method: str) -> dict:
+        """Options for ``medlens.explain`` methods: the card's ``cam_layer`` for the methods that hook a layer."""
+        from medlens.explain import METHODS
+
+        cls = METHODS.get(method.lower())
+        if cls is not None and cls.needs_activations and self.card.cam_layer:
+            return {"layer": self.card.cam_layer}
+        return {}
+
+    def explain(self, x: torch.Tensor, method: str = "gradcam", target=None):
+        """``medlens.explain.explain`` on this model with the layer named in its card; ``x`` is network input."""
+        from medlens.explain import explain
+
+        return explain(self.model, x, method, target=target, **self.explain_options(method))
+
     def refer_note(self, method: str) -> str:
         """What ``refer`` means for ``method``, in words (for JSON output and the viewer)."""
         refer = self.card.refer or {}

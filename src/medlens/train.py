@@ -401,6 +401,8 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
     card.threshold = float(threshold)
     card.threshold_policy = (f"{cfg.eval.threshold_policy} (target {cfg.eval.target_sensitivity})"
                              f" on the patient-grouped validation split, n={len(select)}")
+    first = model.members[0] if isinstance(model, Ensemble) else model
+    card.cam_layer = str(getattr(first, "cam_layer", "") or "")
     refer_idx, where = (calib, "held-apart validation half") if len(calib) else (select, "validation split")
     card.refer = refer_policy(model, d.x_val[torch.from_numpy(refer_idx)], card, cfg, device, data=where)
     card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)

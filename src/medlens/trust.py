@@ -25,7 +25,7 @@ from PIL import Image
 
 from medlens.config import Config
 from medlens.errors import DataError
-from medlens.explain import deletion_insertion, explain, randomisation_check
+from medlens.explain import deletion_insertion, randomisation_check
 from medlens.inference import Predictor
 from medlens.models.card import normalize_batch
 from medlens.uncertainty import REFER_MEASURE, available_methods, predictive, selective_curve, selective_gain
@@ -96,12 +96,13 @@ def faithfulness(predictor: Predictor, images: torch.Tensor, prob: np.ndarray, c
     idx = _sample(len(images), ec.n_faithfulness, cfg.train.seed)
     x = normalize_batch(images[torch.from_numpy(idx)].to(predictor.device), card.intensity)
     targets = torch.from_numpy(shown_class(prob[idx], card.threshold, card.positive_class)).to(x.device)
-    maps = torch.cat([explain(predictor.model, part, ec.cam_method, target=t).maps
+    maps = torch.cat([predictor.explain(part, ec.cam_method, target=t).maps
                       for part, t in zip(x.split(32), targets.split(32), strict=True)])
     kw = {"steps": ec.faithfulness_steps, "target": targets, "seed": cfg.train.seed}
     cam = deletion_insertion(predictor.model, x, maps, **kw)
     rnd = deletion_insertion(predictor.model, x, maps, random_order=True, **kw)
-    rho = randomisation_check(predictor.model, x, ec.cam_method, "top", seed=cfg.train.seed, target=targets)
+    rho = randomisation_check(predictor.model, x, ec.cam_method, "top", seed=cfg.train.seed, target=targets,
+                              **predictor.explain_options(ec.cam_method))
     finite = rho[np.isfinite(rho)]
     return {
         "method": ec.cam_method, "n": int(len(idx)), "steps": ec.faithfulness_steps, "baseline": "blur",
@@ -140,7 +141,7 @@ def cam_gallery(predictor: Predictor, images: torch.Tensor, y: np.ndarray, prob:
         sel = torch.as_tensor(chosen)
         x = normalize_batch(images[sel].to(predictor.device), card.intensity)
         target = torch.from_numpy(shown_class(prob[chosen], card.threshold, positive)).to(x.device)
-        maps = explain(predictor.model, x, cfg.eval.cam_method, target=target).maps.cpu().numpy()
+        maps = predictor.explain(x, cfg.eval.cam_method, target=target).maps.cpu().numpy()
         gallery += [{"image": images[i, 0].numpy(), "cam": maps[j], "kind": kind, "prob": float(prob[i]),
                      "label": int(y[i]), "path": paths[i]} for j, i in enumerate(chosen)]
     return gallery
@@ -187,7 +188,7 @@ def lung_energy(predictor: Predictor, masks_root: str | Path, cfg: Config, *, li
         x = normalize_batch(images.to(predictor.device), card.intensity)
         prob = predictor.predict_images(images)
         target = torch.from_numpy(shown_class(prob, card.threshold, card.positive_class)).to(x.device)
-        maps = explain(predictor.model, x, cfg.eval.cam_method, target=target).maps.cpu().numpy()
+        maps = predictor.explain(x, cfg.eval.cam_method, target=target).maps.cpu().numpy()
         for cam, lung, valid in zip(maps, lungs, valids, strict=True):
             cam = np.clip(cam, 0, None) * valid
             if cam.sum() > 0:

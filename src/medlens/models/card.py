@@ -77,6 +77,8 @@ class ModelCard:
     temperature: float = 1.0
     #: validation metrics of the chosen epoch
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: the module whose activations the CAM methods explain (dotted name; for an ensemble, in each member)
+    cam_layer: str = ""
     #: the "refer to a radiologist" policy chosen on held-apart validation data: the uncertainty measure,
     #: the target coverage and one threshold per uncertainty method (see ``medlens.train.refer_policy``)
     refer: dict[str, Any] = field(default_factory=dict)
@@ -184,6 +186,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "temperature": (int, float),
     "metrics": dict,
     "refer": dict,
+    "cam_layer": str,
     "evaluations": dict,
     "config": dict,
     "epoch": int,

@@ -1164,14 +1164,14 @@ def _render_heatmap(st: ServiceState, held: HeldInput, alpha: float) -> tuple[by
     """Grad-CAM of the held input's shown label, over its display image, as PNG bytes (worker thread)."""
     from PIL import Image
 
-    from medlens.explain import explain, overlay
+    from medlens.explain import overlay
     from medlens.models.card import normalize_batch
 
     if held.cam is None:
         predictor = st.predictor
         x = normalize_batch(held.image.to(predictor.device), predictor.card.intensity)
         with st.lock.exclusive():  # the explainer hooks a layer of the shared model
-            result = explain(predictor.model, x, "gradcam", target=held.target)
+            result = predictor.explain(x, "gradcam", target=held.target)
         held.cam = result.maps[0].detach().float().cpu().numpy()
     picture = overlay(held.display, held.cam, alpha=alpha)
     buffer = io.BytesIO()
