@@ -247,6 +247,35 @@ def test_group_commit_writes_everything_waiting_in_one_transaction(db_url, monke
     log.close()
 
 
+def test_group_commit_survives_a_request_that_gave_up(db_url, monkeypatch):
+    from medlens.service.audit import GroupCommitter
+
+    log = AuditLog(db_url)
+    gate, calls = threading.Event(), []
+    real = log.insert_rows
+
+    def slow(rows):
+        calls.append(len(rows))
+        gate.wait(10)
+        return real(rows)
+
+    monkeypatch.setattr(log, "insert_rows", slow)
+    writer = GroupCommitter(log)
+    first = writer.submit(log.prepare(request_id="c0", action="predict", status=200))
+    while not calls:
+        time.sleep(0.01)
+    assert first.cancel()  # the request was cancelled while its row was being committed
+    gate.set()
+    later = writer.submit(log.prepare(request_id="c1", action="predict", status=200))
+    assert later.result(timeout=20) is True  # the writer is alive
+    writer.close()
+    assert log.get("c0") is not None  # a request that gave up is still audited
+    refused = writer.submit(log.prepare(request_id="c2", action="predict", status=200))
+    with pytest.raises(RuntimeError, match="stopped"):
+        refused.result(timeout=5)
+    log.close()
+
+
 def test_group_commit_isolates_a_bad_row(db_url):
     from medlens.service.audit import GroupCommitter
 

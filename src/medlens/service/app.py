@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 STATIC_DIR = Path(__file__).parent / "static"
+#: longest wait for a request's audit row to be committed before the answer is withheld (503)
+AUDIT_TIMEOUT_S = 30.0
 UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
 UncertaintyMethod = Literal["softmax", "mc", "tta", "ensemble"]
 PredictionId = Annotated[str, PathParam(max_length=128, description="the prediction id (a UUID)")]
@@ -781,7 +783,8 @@ class ServiceMiddleware:
             if writer is None:  # stopping: write it directly
                 await anyio.to_thread.run_sync(state.audit.insert_rows, [row])
             else:
-                await asyncio.wrap_future(writer.submit(row))  # resolves after the commit that holds the row
+                # resolves after the commit that holds the row; a database that does not answer gives a 503
+                await asyncio.wait_for(asyncio.wrap_future(writer.submit(row)), AUDIT_TIMEOUT_S)
             return True
         except Exception as exc:  # noqa: BLE001 - a database failure: logged, and the answer withheld
             state.metrics.audit_failures.inc()

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -43,6 +44,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from medlens.errors import ConfigError, MedlensError
+
+_log = logging.getLogger("medlens.service.audit")
 
 # ------------------------------------------------------------------------------------------------- engines
 
@@ -640,6 +643,7 @@ class GroupCommitter:
         self.max_rows = max_rows
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = object()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="medlens-audit-writer", daemon=True)
         self._thread.start()
         self.commits = 0
@@ -651,18 +655,23 @@ class GroupCommitter:
         from concurrent.futures import Future
 
         future: Future = Future()
+        if self._closed:
+            future.set_exception(RuntimeError("the audit writer has stopped"))
+            return future
         self._queue.put((row, future))
         return future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer thread."""
+        """Write what is queued, then stop the writer thread; rows submitted after this fail at once."""
+        self._closed = True
         self._queue.put(self._stop)
         self._thread.join(timeout)
 
     def _run(self) -> None:
         import queue
 
-        while True:
+        stopping = False
+        while not stopping:
             item = self._queue.get()
             stopping = item is self._stop
             batch = [] if stopping else [item]
@@ -676,21 +685,47 @@ class GroupCommitter:
                     continue
                 batch.append(more)
             if batch:
-                self._write(batch)
-            if stopping:
+                try:
+                    self._write(batch)
+                except BaseException as exc:  # noqa: BLE001 - never let the writer die with requests waiting
+                    for _, future in batch:
+                        _resolve(future, exc=exc)
+        while True:  # anything that raced past the stop marker: refuse it rather than leave it waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
                 return
+            if item is not self._stop:
+                _resolve(item[1], exc=RuntimeError("the audit writer has stopped"))
 
     def _write(self, batch: list) -> None:
         try:
             results = self.audit.insert_rows([row for row, _ in batch])
-        except Exception:  # noqa: BLE001 - isolate the failing row: retry each in its own transaction
+        except Exception as exc:  # noqa: BLE001 - isolate the failing row: retry each in its own transaction
+            _log.warning("audit batch of %d rows failed (%s: %s); retrying row by row", len(batch),
+                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             for row, future in batch:
                 try:
-                    future.set_result(self.audit.insert_rows([row])[0])
-                except Exception as exc:  # noqa: BLE001 - handed to the waiting request
-                    future.set_exception(exc)
+                    _resolve(future, result=self.audit.insert_rows([row])[0])
+                except Exception as exc2:  # noqa: BLE001 - handed to the waiting request
+                    _resolve(future, exc=exc2)
             return
         self.commits += 1
         self.rows += len(batch)
         for (_, future), inserted in zip(batch, results, strict=True):
-            future.set_result(inserted)
+            _resolve(future, result=inserted)
+
+
+def _resolve(future, *, result: Any = None, exc: BaseException | None = None) -> None:
+    """Settle a future unless its request gave up (cancelled): the row is written either way."""
+    from concurrent.futures import InvalidStateError
+
+    if future.done():
+        return
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the call
+        pass
