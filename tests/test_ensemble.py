@@ -121,8 +121,15 @@ def test_ensemble_probability_matches_the_default_prediction(ensemble_run, kerma
     images = torch.cat([predictor.prepare(read_image(f)[0]) for f in files])
     default = predictor.predict_images(images)
     ens = predictive(predictor.model, images, "ensemble", intensity=predictor.card.intensity,
-                     temperature=predictor.card.temperature)
+                     temperature=predictor.card.temperature, threshold=predictor.card.threshold)
     np.testing.assert_allclose(ens["probability"], default, atol=1e-6)
+    # away from p = 0.5 the decision entropy of the members differs from that of their mean (at 0.5, with
+    # temperature 1, the two are the same number: the entropy of a mean prediction)
+    assert abs(predictor.card.threshold - 0.5) > 0.05
+    single = predictive(predictor.model, images, "softmax", intensity=predictor.card.intensity,
+                        temperature=predictor.card.temperature, threshold=predictor.card.threshold)
+    assert not np.allclose(ens["decision_entropy"], single["decision_entropy"])
+    assert (ens["mutual_information"] <= ens["predictive_entropy"] + 1e-9).all()
 
 
 def test_ensemble_uncertainty_on_a_single_model_is_a_clear_error(tmp_path, kermany, capsys):

@@ -45,3 +45,15 @@ def test_recalibrate_refuses_other_data(kermany, tmp_path, capsys):
     assert main(["recalibrate", str(run), "--data", str(other), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "differs from the run's" in err and "Traceback" not in err
+
+
+def test_recalibrate_refuses_to_move_the_calibration_split(kermany, tmp_path, capsys):
+    from medlens.cli import main as cli
+
+    data = tmp_path / "cxr"
+    _link_subset(kermany, data, {"train": 60, "test": 4})
+    run = tmp_path / "run"
+    assert cli(["train", str(data), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
+    for key in ("eval.calibration_fraction=0.3", "train.seed=3"):
+        assert cli(["recalibrate", str(run), "--data", str(data), "--set", key, "--no-progress"]) == 2
+        assert "recalibrate cannot change" in capsys.readouterr().err

@@ -77,6 +77,16 @@ def test_softmax_probability_is_the_plain_prediction(predictor, images):
     assert (r["mutual_information"] == 0).all()
 
 
+@pytest.mark.parametrize("method", ["mc", "tta"])
+def test_the_probability_and_label_do_not_depend_on_the_uncertainty_method(predictor, images, method):
+    x, _ = images
+    kw = {"intensity": predictor.card.intensity, "threshold": 0.5, "mc_passes": 4, "tta_passes": 3}
+    plain = predictive(predictor.model, x, "softmax", **kw)
+    other = predictive(predictor.model, x, method, **kw)
+    np.testing.assert_allclose(other["probability"], plain["probability"], atol=1e-6)
+    assert not np.allclose(other["decision_entropy"], plain["decision_entropy"])  # the passes give the spread
+
+
 def test_faithfulness_compares_with_a_random_order_and_a_randomised_model(predictor, images):
     x, _ = images
     prob = predictor.predict_images(x)

@@ -375,7 +375,7 @@ def refer_policy(model: torch.nn.Module, images: torch.Tensor, card: ModelCard, 
     for method in available_methods(model):
         u = predictive(model, images, method, intensity=card.intensity, temperature=card.temperature,
                        threshold=card.threshold, positive_class=card.positive_class, mc_passes=ec.mc_passes,
-                       tta_passes=ec.tta_passes, device=device)[REFER_MEASURE]
+                       tta_passes=ec.tta_passes, device=device, seed=cfg.train.seed)[REFER_MEASURE]
         thresholds[method] = choose_refer_threshold(u, coverage=ec.refer_coverage)
     log.info("referral thresholds (%s, coverage %.2f, %d images): %s", REFER_MEASURE, ec.refer_coverage,
              len(images), {k: round(v, 4) for k, v in thresholds.items()})
@@ -437,6 +437,12 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     from medlens.evaluate import run_config
 
     run_dir = Path(run_dir)
+    for item in overrides or []:  # only the choices made on validation may change; the split and data may not
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("eval.") or key == "eval.calibration_fraction":
+            raise ConfigError(f"recalibrate cannot change '{key}'",
+                              hint="only eval.* settings (not eval.calibration_fraction, which would move cases "
+                                   "between the selection and calibration halves); retrain for anything else")
     cfg = apply_overrides(run_config(run_dir), overrides or [])
     device = resolve_device(cfg.train.device)
     model, old = load_checkpoint(run_dir, map_location=device)
@@ -456,11 +462,12 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     card = copy.deepcopy(old)
     card.evaluations, card.created = {}, ""
     card.config = cfg.to_dict()
-    cfg.save(run_dir / "config.yaml")
     handler = _setup_logging(run_dir)
     try:
         log.info("recalibrating %s on its validation split", run_dir)
-        return _finalise(model, card, state, cfg, d, run_dir, device)
+        card = _finalise(model, card, state, cfg, d, run_dir, device)
+        cfg.save(run_dir / "config.yaml")  # only once the new card is written
+        return card
     finally:
         logging.getLogger("medlens").removeHandler(handler)
         handler.close()

@@ -207,6 +207,9 @@ def lung_energy(predictor: Predictor, masks_root: str | Path, cfg: Config, *, li
         except (DataError, OSError) as exc:
             skipped.append(f"{image_path.name}: {getattr(exc, 'message', exc)}")
             continue
+        if not (mask == 255).any():
+            skipped.append(f"{mask_path.name}: no lung pixels (value 255) in the mask")
+            continue
         batch.append(predictor.prepare(image))
         lungs.append(mask == 255)
         valids.append(mask != 127)

@@ -405,8 +405,9 @@ def decision_uncertainty(member_probs: ArrayLike, threshold: float = 0.5, *,
     p = _as_numpy(member_probs)
     if p.ndim != 3 or p.shape[2] != 2:
         raise ValueError(f"decision_uncertainty needs binary (S, N, 2) probabilities, got shape {p.shape}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    threshold = min(max(float(threshold), 1e-6), 1 - 1e-6)  # a threshold of exactly 0 or 1 is the far edge
     eps = 1e-12
     pos = np.clip(p[:, :, positive_class], eps, 1 - eps)
     shift = math.log(threshold) - math.log1p(-threshold)
@@ -423,10 +424,11 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
                batch_size: int = 256) -> dict[str, np.ndarray]:
     """Calibrated positive-class probability and its uncertainty for uint8 images ``(N, 1, H, W)``.
 
-    ``method``: ``softmax`` (one deterministic pass), ``mc`` (MC dropout, ``mc_passes``), ``tta``
-    (``tta_passes``, the first unchanged) or ``ensemble`` (the members of a
-    ``medlens.models.ensemble.Ensemble``: the probability is the calibrated ensemble probability, exactly what
-    ``softmax`` gives for an ensemble; the spread is over members). The temperature (the card's) is applied to
+    The probability is always the deterministic calibrated prediction (one pass; for an ensemble, the
+    calibrated ensemble), so the label at the operating threshold never depends on the method; the method's
+    passes give the uncertainty only. ``method``: ``softmax`` (the one pass), ``mc`` (MC dropout,
+    ``mc_passes``), ``tta`` (``tta_passes``, the first unchanged) or ``ensemble`` (the members of a
+    ``medlens.models.ensemble.Ensemble``: their disagreement). The temperature (the card's) is applied to
     every pass. Returns float64 arrays ``probability``, ``predictive_entropy`` and ``mutual_information``
     (nats, centred on p = 0.5), ``decision_entropy`` (centred on the operating ``threshold``: see
     :func:`decision_uncertainty`; the referral measure), ``variance`` of the positive-class probability over
@@ -449,21 +451,22 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
         if not is_ensemble(model):
             raise ConfigError("--uncertainty ensemble needs an ensemble run",
                               hint="train one with `medlens train DATA --out RUN --ensemble 5`, or use mc / tta")
+        # each member's logits with the card's temperature (fitted on the ensemble's own output: close, and
+        # it keeps every method's spread on the scale of the probability the user is shown)
         members = member_probabilities(ensemble_logits(list(model.members), images, intensity=intensity,
-                                                       batch_size=batch_size))
+                                                       batch_size=batch_size), temperature)
     else:
         raise ConfigError(f"unknown uncertainty method {method!r}",
                           hint=f"choose one of {', '.join(UNCERTAINTY_METHODS)}")
     summary = summarise(members, positive_class=positive_class)
     decision = decision_uncertainty(members, threshold, positive_class=positive_class)
-    if method == "ensemble":
-        # the prediction itself is the calibrated ensemble probability; the members give the spread
-        calibrated = probabilities(predict_logits(model, images, **kw), temperature)[None]
-        summary["positive_prob"] = calibrated[0, :, positive_class]
-        summary["predictive_entropy"] = summarise(calibrated, positive_class=positive_class)["predictive_entropy"]
-        decision["decision_entropy"] = decision_uncertainty(calibrated, threshold,
-                                                            positive_class=positive_class)["decision_entropy"]
-    return {"probability": summary["positive_prob"], "predictive_entropy": summary["predictive_entropy"],
+    # The probability (and so the label) is always the deterministic calibrated one, the same whatever the
+    # method: the operating threshold was chosen on it. The passes give only the uncertainty.
+    if method == "softmax":
+        probability = summary["positive_prob"]
+    else:
+        probability = probabilities(predict_logits(model, images, **kw), temperature)[:, positive_class]
+    return {"probability": probability.astype(np.float64), "predictive_entropy": summary["predictive_entropy"],
             "mutual_information": summary["mutual_information"], "decision_entropy": decision["decision_entropy"],
             "variance": summary["positive_variance"], "passes": np.full(len(images), len(members), dtype=np.int64)}
 

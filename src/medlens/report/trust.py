@@ -130,12 +130,16 @@ def selective_html(selective: Mapping[str, Any], figure: str) -> str:
 def faithfulness_html(faith: Mapping[str, Any], figure: str) -> str:
     rho, iqr = faith.get("randomisation_spearman_median"), faith.get("randomisation_spearman_iqr")
     verdict_del = ("lower than" if faith["deletion_auc"] < faith["deletion_auc_random"] else "NOT lower than")
-    verdict_rho = ("the maps depend on the learned weights" if rho is not None and rho < 0.5 else
-                   "the maps change little when the top layers are re-initialised: they may show the image more "
-                   "than the model")
+    if rho is None:
+        verdict_rho = "n/a: every map of the randomised model was constant, so no rank correlation exists"
+    elif rho < 0.5:
+        verdict_rho = "the maps depend on the learned weights"
+    else:
+        verdict_rho = ("the maps change little when the top layers are re-initialised: they may show the image "
+                       "more than the model")
     iqr_text = f" (IQR {iqr[0]:.2f} – {iqr[1]:.2f})" if iqr else ""
     return (
-        f"<p>On {faith['n']} test images sampled with the run's seed, {_e(faith['method'])} maps of the shown "
+        f"<p>On {faith['n']} images of this split sampled with the run's seed, {_e(faith['method'])} maps of the shown "
         f"class. <b>Deletion</b> removes the most important pixels first (replaced by a blurred copy) and "
         f"<b>insertion</b> restores them onto the blurred image, in {faith['steps']} steps; the reference ranks "
         "pixels at random.</p><table><thead><tr><th></th><th>Map</th><th>Random order</th>"
