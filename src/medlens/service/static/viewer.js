@@ -48,9 +48,7 @@ async function connect() {
 
 async function imageUrl(id, alpha) {
   const blob = await (await api(`/v1/predictions/${encodeURIComponent(id)}/heatmap.png?alpha=${alpha}`)).blob();
-  const url = URL.createObjectURL(blob);
-  state.urls.push(url);
-  return url;
+  return URL.createObjectURL(blob);
 }
 
 function showResult(p) {
@@ -76,9 +74,12 @@ function showResult(p) {
 }
 
 async function showImages(id) {
-  for (const url of state.urls.splice(0)) URL.revokeObjectURL(url);
+  const ticket = (state.ticket = (state.ticket || 0) + 1);  // only the latest request may show its images
   try {
     const [base, heat] = await Promise.all([imageUrl(id, 0), imageUrl(id, 1)]);
+    if (ticket !== state.ticket) { URL.revokeObjectURL(base); URL.revokeObjectURL(heat); return; }
+    for (const url of state.urls.splice(0)) if (url !== base && url !== heat) URL.revokeObjectURL(url);
+    state.urls.push(base, heat);
     $("image-base").src = base;
     $("heatmap-overlay").src = heat;
     $("viewer").hidden = false;
