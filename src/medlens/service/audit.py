@@ -393,37 +393,18 @@ class AuditLog:
 
     # -- writing
 
-    def record(
-        self,
-        *,
-        request_id: str,
-        action: str,
-        status: int,
-        user: str | None = None,
-        role: str | None = None,
-        input_sha256: str | None = None,
-        dicom: Mapping[str, Any] | None = None,
-        model_id: str | None = None,
-        weights_sha256: str | None = None,
-        output: Any = None,
-        latency_ms: float | None = None,
-        error: str | None = None,
-        time: datetime | str | None = None,
-        on_duplicate: Literal["ignore", "raise"] = "ignore",
-    ) -> bool:
+    def record(self, *, on_duplicate: Literal["ignore", "raise"] = "ignore", **fields: Any) -> bool:
         """Append one row in its own transaction, committed (durable) before this returns.
 
-        Returns True if the row was written, False if ``request_id`` was already recorded (nothing is written;
-        ``on_duplicate="raise"`` raises :class:`DuplicateRequestError` instead). ``dicom`` is de-identified
-        here with ``hash_key``; ``output`` is stored as JSON. Bad arguments raise ValueError.
+        ``fields`` are those of :meth:`prepare` (request_id, action, status, user, ...). Returns True if the row
+        was written, False if ``request_id`` was already recorded (nothing is written; ``on_duplicate="raise"``
+        raises :class:`DuplicateRequestError` instead). ``dicom`` is de-identified with ``hash_key``; ``output``
+        is stored as JSON. Bad arguments raise ValueError (unknown field names TypeError).
         """
-        row = self.prepare(request_id=request_id, action=action, status=status, user=user, role=role,
-                           input_sha256=input_sha256, dicom=dicom, model_id=model_id,
-                           weights_sha256=weights_sha256, output=output, latency_ms=latency_ms, error=error,
-                           time=time)
+        row = self.prepare(**fields)
         inserted = self.insert_rows([row])[0]
         if not inserted and on_duplicate == "raise":
-            raise DuplicateRequestError(f"request id '{request_id}' is already in the audit trail",
+            raise DuplicateRequestError(f"request id '{row['request_id']}' is already in the audit trail",
                                         hint="use a new request id for a new request")
         return inserted
 
