@@ -164,6 +164,7 @@ class Predictor:
                     "refer": None if refer is None else bool(refer[j]),
                     "refer_reason": note,
                     "model_id": self.card.model_id,
+                    "policy_hash": self.card.policy_hash,
                     "uncertainty": {"method": method, **{
                         k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}},
                 })

@@ -94,6 +94,22 @@ class ModelCard:
     #: f"{model_name}-{weights_sha256[:12]}", filled by save_checkpoint
     model_id: str = ""
     weights_sha256: str = ""
+    #: sha256 (first 16 hex digits) of the operating policy: threshold, temperature, referral, positive class.
+    #: Recomputed whenever the card is written; with ``weights_sha256`` it tells two policies on one set of
+    #: weights apart (every prediction and audit row carries it)
+    policy_hash: str = ""
+    #: every change of the operating policy after training (``medlens recalibrate``): time, old and new policy
+    #: hash, and which splits had already been evaluated (``after_test_look`` is true once the test split was)
+    policy_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def operating_policy(self) -> dict[str, Any]:
+        """The choices that turn logits into what a user is told (not the weights)."""
+        return {"threshold": float(self.threshold), "temperature": float(self.temperature),
+                "positive_class": int(self.positive_class), "refer": jsonable(self.refer)}
+
+    def compute_policy_hash(self) -> str:
+        text = json.dumps(self.operating_policy(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def validate(self, source: str = "model card") -> None:
         """Raise ``DataError`` naming ``source`` if the card is inconsistent."""
@@ -128,6 +144,7 @@ class ModelCard:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        self.policy_hash = self.compute_policy_hash()
         return jsonable(dataclasses.asdict(self))
 
     def to_json(self) -> str:
@@ -155,6 +172,11 @@ class ModelCard:
             )
         card = cls(**{k: v for k, v in data.items() if k in fields})
         card.validate(source)
+        actual = card.compute_policy_hash()
+        if card.policy_hash and card.policy_hash != actual:
+            warnings.warn(f"{source}: the operating policy (threshold / temperature / referral) was edited outside "
+                          f"medlens: policy hash {actual}, card says {card.policy_hash}", stacklevel=2)
+        card.policy_hash = actual
         return card
 
     @classmethod
@@ -188,6 +210,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "refer": dict,
     "cam_layer": str,
     "evaluations": dict,
+    "policy_changes": list,
     "config": dict,
     "epoch": int,
 }
