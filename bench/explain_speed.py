@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from medlens.explain import make_explainer
-from medlens.inference import resolve_device
+from medlens.forward import resolve_device
 from medlens.models import create_model
 from medlens.models.card import jsonable
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     else:
         where = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     result = jsonable({
-        "benchmark": "explain_speed",
+        "benchmark": "explain_speed", "written_by": "bench/explain_speed.py",
         "model": args.model,
         "input": [1, 1, args.size, args.size],
         "device": where,

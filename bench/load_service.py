@@ -1,11 +1,13 @@
 """Load test of the clinical service (issue #4, bar 2): a real `medlens serve` process on loopback, N concurrent
-clients posting real chest X-rays for a fixed time, with and without micro-batching; then the audit trail is
-checked against what the clients were told.
+clients posting real chest X-rays for a fixed time, with and without micro-batching, each mode run at least
+twice, interleaved; then each run's audit trail is reconciled with every answer the clients got.
 
-    python bench/load_service.py --run RUN                          # 60 s, 16 clients, both modes
-    python bench/load_service.py --run RUN --seconds 5 --clients 4 --result /tmp/load.json   # smoke run
+    python bench/load_service.py --run RUN                          # 2 x 60 s per mode, 16 clients, A B A B
+    python bench/load_service.py --run RUN --seconds 3 --clients 2 --result /tmp/load.json   # smoke run
 
-For each mode (``batching``: the default server; ``no-batching``: ``medlens serve --no-batching``) it
+Runs go in the order A B A B ... (``--repeats`` rounds, each running every mode once), so a machine that drifts
+(another process, thermal state) shows up as spread within a mode instead of as a difference between modes.
+Each run (``batching``: the default server; ``no-batching``: ``medlens serve --no-batching``)
 
 1. creates a fresh SQLite audit database in a temporary folder and a clinician key with the CLI
    (``medlens keys create load-client --role clinician --db DB``);
@@ -14,17 +16,22 @@ For each mode (``batching``: the default server; ``no-batching``: ``medlens serv
 3. runs ``--clients`` concurrent clients (asyncio + one shared ``httpx.AsyncClient`` with one keep-alive
    connection per client) that POST images from ``--images`` (both classes, interleaved) to
    ``/v1/predictions`` back to back: ``--warmup`` seconds first (not counted in the statistics), then
-   ``--seconds`` measured. Each request records its status, its latency (request sent to response read) and,
-   for a 200, the ``X-Request-ID`` (an *acknowledged* request). After the window no new request starts and
-   the ones in flight are waited for, so at the end nothing is in flight;
+   ``--seconds`` measured. Each request records its status, its latency (request sent to response read) and
+   its ``X-Request-ID``, whatever the status. A request that got no HTTP answer (connection refused or reset,
+   a timeout after ``--timeout`` seconds, any other transport error) is a *transport error*: counted by type,
+   and it fails the run. After the window no new request starts and the ones in flight are waited for, so at
+   the end nothing is in flight;
 4. scrapes ``/metrics`` (the ``medlens_batch_size`` histogram), stops the server with SIGINT (uvicorn's
    graceful shutdown) and opens the audit database directly (``PRAGMA integrity_check``, then
-   :class:`medlens.service.audit.AuditLog`): the ``predict`` rows with status 200 must be exactly the
-   acknowledged ids, each once, and no response may be a 5xx.
+   :class:`medlens.service.audit.AuditLog`). Reconciliation: every answer a client got, whatever its status
+   (200, 4xx, 5xx), must carry an ``X-Request-ID`` and have exactly one audit row with that id and that status;
+   no audit row may be left that no client got an answer for; no response may be a 5xx.
 
 Throughput is the number of 200 responses completed inside the measured window divided by its length; the
 latency percentiles are over those responses. Status and error counts cover every request of the run
-(warm-up included), since the bar is "0 responses 5xx" and "audit rows = acknowledged requests" for all.
+(warm-up included), since the bar is "0 responses 5xx" and "one audit row per answer" for all. Per mode, the
+result gives every run's figures and their spread (mean, sample sd, min, max); the batching / no-batching
+throughput ratio is given per round (runs next to each other) and as the ratio of the means.
 
 The per-key rate limit is turned off in the server under test (``MEDLENS_RATE_LIMIT_PER_MINUTE=0``; the
 default of 120 a minute per key would answer most of this load with 429); every other setting is the
@@ -39,8 +46,10 @@ everything else on the machine used during the measured window (from ``/proc``),
 share of the cores the clients took and whether the machine was quiet. Run it on a quiet machine: on 2
 cores a second busy process changes the numbers several-fold.
 
-Writes ``bench/results/load_service-cpu.json`` (``--result`` to change) and prints a table. Exit code 0 if
-every mode had no 5xx, a matching audit trail and a clean server stop; 1 otherwise.
+Writes ``bench/results/load_service-cpu.json`` (``--result`` to change) and prints a table. The JSON is the
+whole record: it names the script and command that wrote it, the commit, the machine, every run, the
+summary and the README figure (``readme``), so no result file is edited by hand. Exit code 0 if every run had
+no 5xx, no transport error, a reconciled audit trail and a clean server stop; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -83,7 +92,8 @@ MODES = {"batching": [], "no-batching": ["--no-batching"]}
 SERVER_ENV = {"MEDLENS_RATE_LIMIT_PER_MINUTE": "0"}
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 120.0  # the client's; the server answers 504 after its own 30 s
+REQUEST_TIMEOUT_S = 120.0  # the client's (--timeout); the server answers 504 after its own 30 s
+SCRIPT = "bench/load_service.py"
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -231,16 +241,21 @@ class Result:
     client: int
     start: float  # time.perf_counter()
     end: float
-    status: int | None  # None: no HTTP response (transport error)
-    error: str | None  # the transport error's type
-    request_id: str | None  # X-Request-ID of a 200 (acknowledged)
+    status: int | None  # None: no HTTP answer (a transport error)
+    error: str | None  # the transport error's type (ConnectError, ReadTimeout, ...)
+    request_id: str | None  # the answer's X-Request-ID, whatever its status (None: no answer, or no header)
 
 
-async def run_clients(url: str, key: str, uploads: list[Upload], clients: int, stop_at: float) -> list[Result]:
-    """``clients`` loops posting uploads back to back until ``stop_at`` (perf_counter); waits for the last ones."""
+async def run_clients(url: str, key: str, uploads: list[Upload], clients: int, stop_at: float,
+                      timeout: float) -> list[Result]:
+    """``clients`` loops posting uploads back to back until ``stop_at`` (perf_counter); waits for the last ones.
+
+    A request without an HTTP answer (connection error, timeout after ``timeout`` s, protocol error) is kept as
+    a Result with ``status`` None and the error's type: a failure of the run, never dropped or retried.
+    """
     results: list[Result] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) as http:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
 
         async def client(k: int) -> None:
             n = k  # client k starts at image k, so the clients do not all send the same file at once
@@ -252,13 +267,12 @@ async def run_clients(url: str, key: str, uploads: list[Upload], clients: int, s
                 try:
                     r = await http.post("/v1/predictions", content=upload.body, headers=headers)
                     await r.aread()
-                except httpx.TransportError as exc:
+                except (httpx.HTTPError, OSError) as exc:  # TransportError (timeouts included), decoding, ...
                     results.append(Result(k, start, time.perf_counter(), None, type(exc).__name__, None))
                     await asyncio.sleep(0.05)  # do not spin on a dead server
                     continue
-                end = time.perf_counter()
-                ack = r.headers.get("x-request-id") if r.status_code == 200 else None
-                results.append(Result(k, start, end, r.status_code, None, ack))
+                results.append(Result(k, start, time.perf_counter(), r.status_code, None,
+                                      r.headers.get("x-request-id")))
 
         await asyncio.gather(*(client(k) for k in range(clients)))
     return results
@@ -297,36 +311,58 @@ def scrape_batch_sizes(url: str) -> dict[str, Any]:
             "calls_by_size": buckets}
 
 
-def check_audit(db: Path, acknowledged: list[str]) -> dict[str, Any]:
-    """Compare the stopped server's audit trail with the acknowledged request ids."""
+def check_audit(db: Path, answers: list[tuple[str | None, int]]) -> dict[str, Any]:
+    """Reconcile the stopped server's audit trail with every answer the clients got: ``(X-Request-ID, status)``.
+
+    Every answer, whatever its status, must carry a request id and have exactly one audit row with that id and
+    that status; every audit row must belong to an answer (nothing was in flight at the end, so a row without
+    an answer means a request the server recorded but the client never heard back from).
+    """
     with sqlite3.connect(db) as conn:  # the raw file first: does it open, is it intact
         integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
     with AuditLog(database_url(db)) as log:
         t = log.table
         with log.engine.connect() as conn:
-            rows = conn.execute(sa.select(t.c.request_id, t.c.status).where(t.c.action == "predict")).all()
-            by_action = dict(conn.execute(sa.select(t.c.action, sa.func.count()).group_by(t.c.action)).all())
-    ids = collections.Counter(rid for rid, _ in rows)
-    ok_rows = [rid for rid, status in rows if status == 200]
-    acked = collections.Counter(acknowledged)
-    missing = [rid for rid in acked if ids[rid] == 0]
-    duplicated = sorted(rid for rid, n in ids.items() if n > 1) + sorted(rid for rid, n in acked.items() if n > 1)
-    unacknowledged = sorted(set(ok_rows) - set(acked))
-    result = {
+            rows = conn.execute(sa.select(t.c.request_id, t.c.action, t.c.status)).all()
+    statuses_by_id: dict[str, list[int]] = collections.defaultdict(list)
+    for rid, _action, status in rows:
+        statuses_by_id[rid].append(status)
+    answered = collections.Counter(rid for rid, _ in answers if rid)
+    without_id = sum(1 for rid, _ in answers if not rid)
+    missing, wrong_status = [], []
+    for rid, status in answers:
+        if not rid:
+            continue
+        found = statuses_by_id.get(rid, [])
+        if not found:
+            missing.append(rid)
+        elif found != [status]:
+            wrong_status.append({"request_id": rid, "answered": status, "audited": found})
+    duplicated = sorted({rid for rid, found in statuses_by_id.items() if len(found) > 1}
+                        | {rid for rid, n in answered.items() if n > 1})
+    unanswered = sorted(set(statuses_by_id) - set(answered))
+    result: dict[str, Any] = {
         "integrity_check": integrity,
-        "acknowledged": len(acknowledged),
-        "predict_rows_status_200": len(ok_rows),
-        "predict_rows_total": len(rows),
-        "predict_rows_by_status": dict(sorted(collections.Counter(str(s) for _, s in rows).items())),
-        "rows_by_action": by_action,
-        "missing_acknowledged_ids": len(missing),
+        "answers": len(answers),
+        "answers_by_status": dict(sorted(collections.Counter(str(s) for _, s in answers).items())),
+        "acknowledged": sum(1 for _, s in answers if s == 200),
+        "rows": len(rows),
+        "rows_by_status": dict(sorted(collections.Counter(str(s) for _, _, s in rows).items())),
+        "rows_by_action": dict(sorted(collections.Counter(a for _, a, _ in rows).items())),
+        "answers_without_request_id": without_id,
+        "answers_without_row": len(missing),
+        "answers_with_other_status_in_row": len(wrong_status),
         "duplicated_ids": len(duplicated),
-        "status_200_rows_not_acknowledged": len(unacknowledged),
+        "rows_without_answer": len(unanswered),
     }
-    result["ok"] = (integrity == "ok" and len(ok_rows) == len(acknowledged) and not missing and not duplicated
-                    and not unacknowledged)
+    result["ok"] = (integrity == "ok" and not without_id and not missing and not wrong_status and not duplicated
+                    and not unanswered and len(rows) == len(answers))
     if missing:
         result["missing_examples"] = missing[:5]
+    if wrong_status:
+        result["wrong_status_examples"] = wrong_status[:5]
+    if unanswered:
+        result["rows_without_answer_examples"] = unanswered[:5]
     return result
 
 
@@ -347,11 +383,25 @@ def percentiles_ms(latencies: list[float]) -> dict[str, float | None]:
             "mean": round(float(ms.mean()), 1), "max": round(float(ms.max()), 1)}
 
 
-# ------------------------------------------------------------------------------------------------- a mode
+def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
+    """Every run's value and their mean, sample sd (None for one run), min and max."""
+    clean = [float(v) for v in values if v is not None]
+    if not clean:
+        return {"runs": list(values), "mean": None, "sd": None, "min": None, "max": None}
+    arr = np.asarray(clean)
+    return {"runs": [None if v is None else round(float(v), digits) for v in values],
+            "mean": round(float(arr.mean()), digits),
+            "sd": round(float(arr.std(ddof=1)), digits) if len(arr) > 1 else None,
+            "min": round(float(arr.min()), digits), "max": round(float(arr.max()), digits)}
 
 
-def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: Path) -> dict[str, Any]:
-    folder = work / mode
+# -------------------------------------------------------------------------------------------------- a run
+
+
+def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, uploads: list[Upload],
+             work: Path) -> dict[str, Any]:
+    """One run of one mode: a fresh database and server, the load, the reconciliation."""
+    folder = work / f"{order:02d}-{mode}"
     folder.mkdir()
     db = folder / "audit.db"
     key = create_key(db)
@@ -359,8 +409,8 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
     server = Server(args.run, db, port, MODES[mode], folder / "server.log")
     try:
         ready = server.wait_ready()
-        print(f"[{mode}] server ready ({ready.get('model_id')}); {args.clients} clients, {args.warmup:g} s warm-up "
-              f"+ {args.seconds:g} s", file=sys.stderr)
+        print(f"[run {order}: {mode}, round {round_no}] server ready ({ready.get('model_id')}); {args.clients} "
+              f"clients, {args.warmup:g} s warm-up + {args.seconds:g} s", file=sys.stderr)
         load_before = os.getloadavg()
         began = time.perf_counter()
         window_start = began + args.warmup
@@ -376,7 +426,7 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
                 marks["end"] = (time.perf_counter(), server.cpu_seconds(), time.process_time(), machine_busy_seconds())
 
             sampler = asyncio.ensure_future(sample_cpu())
-            results = await run_clients(server.url, key, uploads, args.clients, window_end)
+            results = await run_clients(server.url, key, uploads, args.clients, window_end, args.timeout)
             await sampler
             return results
 
@@ -387,11 +437,12 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
         server.kill()
         raise
     stop = server.stop()
-    acknowledged = [r.request_id for r in results if r.request_id]
-    audit = check_audit(db, acknowledged)
+    answers = [(r.request_id, r.status) for r in results if r.status is not None]
+    audit = check_audit(db, answers)
 
     in_window = [r for r in results if r.status == 200 and window_start <= r.end <= window_end]
-    statuses = collections.Counter(str(r.status) if r.status is not None else r.error for r in results)
+    statuses = collections.Counter(str(r.status) for r in results if r.status is not None)
+    transport = collections.Counter(r.error for r in results if r.status is None)
     server_errors = sum(1 for r in results if r.status is not None and r.status >= 500)
     cpu = None
     if "start" in marks and "end" in marks:
@@ -411,7 +462,18 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
             "clients_share_of_cores": round(client_cpu / (wall * cores), 3),
             "server_share_of_cores": None if server_cpu is None else round(server_cpu / (wall * cores), 3),
         }
+    failures = []
+    if server_errors:
+        failures.append(f"{server_errors} responses 5xx")
+    if transport:
+        failures.append(f"{sum(transport.values())} transport errors {dict(transport)}")
+    if not audit["ok"]:
+        failures.append("the audit trail does not reconcile with the answers")
+    if not stop["clean"]:
+        failures.append("the server did not stop cleanly")
     return {
+        "order": order,
+        "round": round_no,
         "mode": mode,
         "server_command": " ".join(["medlens", *server.args[3:]]),
         "requests": len(results),
@@ -421,6 +483,8 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
         "responses_by_status": dict(sorted(statuses.items())),
         "errors_by_status": {k: v for k, v in sorted(statuses.items()) if k != "200"},
         "responses_5xx": server_errors,
+        "transport_errors": sum(transport.values()),
+        "transport_errors_by_type": dict(sorted(transport.items())),
         "drain_s": round(drained - window_end, 2),
         "audit": audit,
         "batch_size": batches,
@@ -428,8 +492,78 @@ def run_mode(mode: str, args: argparse.Namespace, uploads: list[Upload], work: P
         "load_average_before": [round(x, 2) for x in load_before],
         "server_startup": startup_line(server.log_path),
         "server_stop": stop,
-        "passed": server_errors == 0 and audit["ok"] and stop["clean"],
+        "failures": failures,
+        "passed": not failures,
     }
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    """Per mode: every run's figures and their spread; the batching / no-batching ratio per round and overall."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        out[mode] = {
+            "runs": len(mine),
+            "order": [r["order"] for r in mine],
+            "throughput_rps": spread([r["throughput_rps"] for r in mine], 2),
+            "latency_p50_ms": spread([r["latency_ms"]["p50"] for r in mine]),
+            "latency_p90_ms": spread([r["latency_ms"]["p90"] for r in mine]),
+            "latency_p99_ms": spread([r["latency_ms"]["p99"] for r in mine]),
+            "mean_batch_size": spread([r["batch_size"]["mean"] for r in mine], 2),
+            "server_share_of_cores": spread([(r["cpu"] or {}).get("server_share_of_cores") for r in mine], 3),
+            "other_processes_cpu_s": spread([(r["cpu"] or {}).get("other_processes_cpu_s") for r in mine]),
+            "requests": sum(r["requests"] for r in mine),
+            "responses_5xx": sum(r["responses_5xx"] for r in mine),
+            "transport_errors": sum(r["transport_errors"] for r in mine),
+            "non_200_answers": sum(sum(r["errors_by_status"].values()) for r in mine),
+            "audit_reconciled_every_run": all(r["audit"]["ok"] for r in mine),
+            "passed": all(r["passed"] for r in mine),
+        }
+    if "batching" in out and "no-batching" in out:
+        rounds = sorted({r["round"] for r in runs})
+        per_round = []
+        for k in rounds:
+            pair = {r["mode"]: r["throughput_rps"] for r in runs if r["round"] == k}
+            if pair.get("batching") is not None and pair.get("no-batching"):
+                per_round.append(pair["batching"] / pair["no-batching"])
+        no_batching_mean = out["no-batching"]["throughput_rps"]["mean"]
+        out["throughput_ratio_batching_over_no_batching"] = {
+            "of_means": (round(out["batching"]["throughput_rps"]["mean"] / no_batching_mean, 2)
+                         if no_batching_mean else None),
+            "per_round": spread(per_round, 2),
+        }
+    return out
+
+
+def readme_figure(result: dict[str, Any]) -> str | None:
+    """The README's table row for this result, built from the JSON only (copy it; never type figures in)."""
+    summary = result["summary"]
+    b, nb = summary.get("batching"), summary.get("no-batching")
+    if not b or not nb:
+        return None
+
+    def rps(m: dict[str, Any]) -> str:
+        t = m["throughput_rps"]
+        return f"{t['mean']:.1f} req/s (runs {t['min']:.1f}-{t['max']:.1f})"
+
+    ratio = summary["throughput_ratio_batching_over_no_batching"]
+    per_round = ratio["per_round"]
+    errors_5xx = b["responses_5xx"] + nb["responses_5xx"]
+    other = b["non_200_answers"] + nb["non_200_answers"] - errors_5xx
+    transport = b["transport_errors"] + nb["transport_errors"]
+    reconciled = b["audit_reconciled_every_run"] and nb["audit_reconciled_every_run"]
+    what = (f"API load, {result['clients']} clients, {result['seconds']:g} s x {b['runs']} runs per mode "
+            f"(interleaved), `{result.get('recipe') or result.get('model_name')}` model")
+    figure = (f"{rps(b)}, p50 {b['latency_p50_ms']['mean']:.0f} ms, p99 {b['latency_p99_ms']['mean']:.0f} ms with "
+              f"micro-batching; {rps(nb)} without ({ratio['of_means']:.2f}x; per round "
+              f"{per_round['min']:.2f}-{per_round['max']:.2f}x); {errors_5xx} 5xx, {other} other non-200, {transport} "
+              "transport errors; "
+              + ("every answer has exactly one audit row with its status" if reconciled
+                 else "AUDIT NOT RECONCILED"))
+    return f"| {what} | {figure} |"
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -446,21 +580,45 @@ def cpu_model() -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    head = f"{'mode':<12} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'5xx':>4} " \
-           f"{'other errors':>12} {'audit':>6} {'mean batch':>10} {'client CPU':>10}"
+    head = f"{'run':>3} {'mode':<12} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
+           f"{'5xx':>4} {'other':>6} {'transport':>9} {'audit':>6} {'mean batch':>10} {'client CPU':>10}"
     print(head)
     print("-" * len(head))
-    for mode, m in result["modes"].items():
+    for m in result["runs"]:
         lat = m["latency_ms"]
         other = sum(v for k, v in m["errors_by_status"].items() if not k.startswith("5"))
         audit = "ok" if m["audit"]["ok"] else "FAIL"
         share = m["cpu"]["clients_share_of_cores"] if m["cpu"] else None
-        print(f"{mode:<12} {m['requests']:>8} {m['throughput_rps']:>7.1f} {lat['p50'] or 0:>8.1f} "
-              f"{lat['p90'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} {m['responses_5xx']:>4} {other:>12} {audit:>6} "
-              f"{m['batch_size']['mean'] or 0:>10} {'-' if share is None else f'{share:.0%}':>10}")
-    ratio = result.get("throughput_ratio_batching_over_no_batching")
-    if ratio is not None:
-        print(f"micro-batching throughput / no batching: {ratio:.2f}x")
+        print(f"{m['order']:>3} {m['mode']:<12} {m['requests']:>8} {m['throughput_rps']:>7.1f} {lat['p50'] or 0:>8.1f} "
+              f"{lat['p90'] or 0:>8.1f} {lat['p99'] or 0:>8.1f} {m['responses_5xx']:>4} {other:>6} "
+              f"{m['transport_errors']:>9} {audit:>6} {m['batch_size']['mean'] or 0:>10} "
+              f"{'-' if share is None else f'{share:.0%}':>10}")
+    for mode, m in result["summary"].items():
+        if not isinstance(m, dict) or "throughput_rps" not in m:
+            continue
+        t = m["throughput_rps"]
+        sd = "" if t["sd"] is None else f" +- {t['sd']:.1f}"
+        print(f"{mode}: {t['mean']:.1f}{sd} req/s over {m['runs']} runs (min {t['min']:.1f}, max {t['max']:.1f})")
+    ratio = result["summary"].get("throughput_ratio_batching_over_no_batching")
+    if ratio and ratio["of_means"] is not None:
+        print(f"micro-batching throughput / no batching: {ratio['of_means']:.2f}x (per round "
+              f"{ratio['per_round']['min']:.2f}-{ratio['per_round']['max']:.2f}x)")
+    for failure in result["failures"]:
+        print(f"FAILED: {failure}")
+
+
+def provenance() -> dict[str, Any]:
+    """The commit the benchmark ran on, and whether the service or this script had uncommitted changes."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--", "src", "bench/load_service.py")
+    return {"commit": commit, "uncommitted_changes": None if changed is None else bool(changed)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,29 +627,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
                    help="folder with class subfolders of chest X-rays (default ../shared/data/chest_xray/test)")
     p.add_argument("--max-images", type=int, default=64, help="images held in memory and cycled through")
-    p.add_argument("--seconds", type=float, default=60.0, help="measured window per mode")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
     p.add_argument("--warmup", type=float, default=5.0, help="load before the window, not in the statistics")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--modes", default="batching,no-batching", help="comma-separated: batching, no-batching")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds; each runs every mode once, in the order A B A B ... (at least 2: a spread needs "
+                        "two runs)")
+    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT_S,
+                   help="the clients' timeout per request (s); a request that times out fails the run")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--result", type=Path, default=DEFAULT_RESULT, help="JSON to write")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, server logs)")
     args = p.parse_args(argv)
+    command = " ".join(["python", SCRIPT, *(sys.argv[1:] if argv is None else argv)])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := [m for m in modes if m not in MODES]:
         p.error(f"unknown mode(s) {unknown}: use {', '.join(MODES)}")
     if not args.run.is_dir() or not list(args.run.glob("*.card.json")):
         p.error(f"{args.run} is not a trained run (no model card in it)")
-    if args.clients < 1 or args.seconds <= 0 or args.warmup < 0:
-        p.error("--clients must be >= 1, --seconds > 0 and --warmup >= 0")
+    if args.clients < 1 or args.seconds <= 0 or args.warmup < 0 or args.timeout <= 0:
+        p.error("--clients must be >= 1, --seconds and --timeout > 0 and --warmup >= 0")
+    if args.repeats < 2:
+        p.error("--repeats must be >= 2: every mode runs at least twice, so the result has a spread")
     args.run = args.run.resolve()
     uploads = load_uploads(args.images, args.max_images)
 
     work = Path(tempfile.mkdtemp(prefix="medlens-load-"))
-    results: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
     try:
-        for mode in modes:
-            results[mode] = run_mode(mode, args, uploads, work)
+        order = 0
+        for round_no in range(1, args.repeats + 1):
+            for mode in modes:  # A B, A B, ...: drift shows as spread within a mode, not between modes
+                order += 1
+                runs.append(run_once(mode, round_no, order, args, uploads, work))
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
@@ -504,34 +673,44 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     result: dict[str, Any] = {
         "bench": "load_service",
+        "written_by": SCRIPT,
+        "command": command,
+        **provenance(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"cpu": cpu_model(), "cores": cores,
                    "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores,
                    "platform": platform.platform(), "python": platform.python_version()},
         "medlens_version": medlens.__version__,
         "run": str(args.run),
+        "recipe": (card.get("config") or {}).get("recipe"),
         "model_id": card.get("model_id"),
         "model_name": card.get("model_name"),
+        "policy_hash": card.get("policy_hash"),
         "input_size": card.get("input_size"),
         "clients": args.clients,
         "seconds": args.seconds,
         "warmup_s": args.warmup,
+        "repeats": args.repeats,
+        "client_timeout_s": args.timeout,
+        "order": [f"{r['order']}:{r['mode']}" for r in runs],
         "images": {"folder": str(args.images), "count": len(uploads),
                    "mean_bytes": round(float(np.mean([len(u.body) for u in uploads])))},
         "server_settings": {**SERVER_ENV, "note": "every other setting is the service default; the caller's "
                                                   "MEDLENS_* variables are not passed on"},
         "clients_share_cores": (f"the {args.clients} clients run in the benchmark process on the same "
-                                f"{cores} cores as the server (loopback); see each mode's cpu block for the CPU "
+                                f"{cores} cores as the server (loopback); see each run's cpu block for the CPU "
                                 "seconds they took during the window"),
-        "modes": results,
+        "runs": runs,
+        "summary": summarise(runs, modes),
     }
-    if "batching" in results and "no-batching" in results and results["no-batching"]["throughput_rps"]:
-        result["throughput_ratio_batching_over_no_batching"] = round(
-            results["batching"]["throughput_rps"] / results["no-batching"]["throughput_rps"], 2)
-    result["passed"] = all(m["passed"] for m in results.values())
+    result["readme"] = readme_figure(result)
+    result["failures"] = [f"run {r['order']} ({r['mode']}): {f}" for r in runs for f in r["failures"]]
+    result["passed"] = not result["failures"]
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
+    if result["readme"]:
+        print(f"README: {result['readme']}")
     print(f"wrote {args.result}")
     return 0 if result["passed"] else 1
 

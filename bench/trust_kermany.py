@@ -21,6 +21,7 @@ import platform
 import time
 from pathlib import Path
 
+from medlens import rundir
 from medlens.cli import main as medlens
 from medlens.models.card import jsonable
 
@@ -31,7 +32,7 @@ def _evaluate(run: Path, data: str, masks: str | None) -> dict:
         args += ["--masks", masks]
     t0 = time.perf_counter()
     assert medlens(args) == 0
-    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    metrics = json.loads((rundir.eval_dir(run, "test") / "metrics.json").read_text())
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     return metrics
 
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     if not (run / "model.card.json").exists():
         assert medlens(["train", args.data, "--out", str(run), "--recipe", "cxr_cpu", "--ensemble",
                         str(args.members), "--no-progress"]) == 0
-    single_dir = run / "members" / "0"
+    single_dir = rundir.member_dir(run, 0)
     single = _evaluate(single_dir, args.data, args.masks)
     ensemble = _evaluate(run, args.data, None)
     card = json.loads((single_dir / "model.card.json").read_text())
@@ -62,12 +63,12 @@ def main(argv=None) -> int:
     faith = {k: v for k, v in single["faithfulness"].items() if k != "curves"}
     calib = card["metrics"]["calibration"]
     result = {
-        "benchmark": "trust_kermany", "data": args.data, "run": str(run), "recipe": "cxr_cpu",
+        "benchmark": "trust_kermany", "written_by": "bench/trust_kermany.py", "data": args.data, "run": str(run), "recipe": "cxr_cpu",
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
-        "single_model": {"model_id": card["model_id"], "test_auc": single["auc"]["value"],
+        "single_model": {"model_id": card["model_id"], "policy_hash": card.get("policy_hash"), "test_auc": single["auc"]["value"],
                          "test_accuracy": single["accuracy"]["value"], "threshold": card["threshold"]},
-        "ensemble": {"model_id": ens_card["model_id"], "members": args.members,
+        "ensemble": {"model_id": ens_card["model_id"], "policy_hash": ens_card.get("policy_hash"), "members": args.members,
                      "test_auc": ensemble["auc"]["value"], "test_accuracy": ensemble["accuracy"]["value"],
                      "threshold": ens_card["threshold"], "temperature": ens_card["temperature"],
                      "test_calibration": ensemble["calibration"]},

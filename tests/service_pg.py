@@ -3,8 +3,9 @@
 ``pg_server`` (one per test session, per xdist worker) runs ``initdb`` into a temporary folder and starts
 ``postgres`` on a free port on 127.0.0.1 with its unix socket in that folder; it is stopped and deleted at the
 end. PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user (or ``nobody``).
-Binaries are found under ``/usr/lib/postgresql/<version>/bin`` (Debian) or on PATH. Without them the tests
-fail when ``CI=true`` (``.ci/run`` installs them) and are skipped elsewhere.
+Binaries are found under ``/usr/lib/postgresql/<version>/bin`` (Debian) or on PATH. Without them (or without
+psycopg) the tests fail when ``CI=true`` (``.ci/run`` installs them) and are skipped elsewhere; a server that is
+installed but does not start fails the tests everywhere (:func:`start_pg_server`).
 
 Test modules load this file as a plugin, ``pytest_plugins = ["service_pg"]``, rather than importing the
 fixtures: an imported session fixture is a separate fixture in every module, which would start one server per
@@ -126,8 +127,13 @@ def _run_as() -> dict[str, Any]:
     return {}  # unreachable
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+def start_pg_server() -> PgServer:
+    """A running throwaway server (stop it with :func:`stop_pg_server`).
+
+    PostgreSQL or psycopg not installed: the test fails under ``CI=true`` and is skipped elsewhere. Installed
+    but the server does not start (initdb or pg_ctl fails): the test fails everywhere, with the server's log,
+    since that is a broken set-up or a bug here, not a machine without PostgreSQL.
+    """
     bindir = find_pg_bin()
     if bindir is None:
         _missing("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
@@ -143,11 +149,25 @@ def pg_server() -> Iterator[PgServer]:
     try:
         server.init()
         server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        stop_pg_server(server)
+        pytest.fail(f"PostgreSQL is installed ({bindir}) but the throwaway server did not start: {exc}")
+    return server
+
+
+def stop_pg_server(server: PgServer) -> None:
+    if server.port:
+        server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = start_pg_server()
+    try:
         yield server
     finally:
-        if server.port:
-            server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_pg_server(server)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import blobs
 from torch import nn
 
 from medlens.errors import ConfigError
@@ -52,22 +53,6 @@ def _hooks(model: nn.Module) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
         for m in model.modules()
     )
-
-
-def blobs(n: int, seed: int, size: int = SIZE, amplitude: float = 2.5):
-    """Unit noise (already network-scale: no per-image z-score, whose global shift would be a shortcut) plus,
-    for odd indices (class 1), a Gaussian blob (sigma 3 px) inside a random quadrant."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, size, size, generator=g)
-    labels = torch.arange(n) % 2
-    quadrant = torch.randint(0, 4, (n,), generator=g)
-    half, margin = size // 2, 6
-    cy = (quadrant // 2) * half + torch.randint(margin, half - margin, (n,), generator=g)
-    cx = (quadrant % 2) * half + torch.randint(margin, half - margin, (n,), generator=g)
-    yy, xx = torch.arange(size).view(1, size, 1), torch.arange(size).view(1, 1, size)
-    blob = torch.exp(-((yy - cy.view(-1, 1, 1)) ** 2 + (xx - cx.view(-1, 1, 1)) ** 2) / (2 * 3.0**2))
-    x[:, 0] += amplitude * labels.view(-1, 1, 1) * blob
-    return x, labels, quadrant
 
 
 def quadrant_mask(q: int, size: int = SIZE) -> torch.Tensor:

@@ -238,7 +238,8 @@ def test_metrics_with_ci_structure_and_json():
         assert out[k]["ci_low"] <= out[k]["ci_high"]
     assert out["n"] == 624 and out["threshold"] == 0.4
     assert out["tp"] + out["fn"] == out["n_pos"]
-    assert out["bootstrap"]["n_boot"] == 200 and out["bootstrap"]["seed"] == 1
+    assert out["bootstrap"]["resamples"] == 200 and out["bootstrap"]["seed"] == 1
+    assert out["bootstrap"]["unit"] == "image" and out["bootstrap"]["n_units"] == len(y)
     assert json.loads(json.dumps(out))["auc"]["value"] == pytest.approx(point["auc"])
 
 

@@ -10,8 +10,10 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -38,6 +40,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from test_cli import FAST, _link_subset  # noqa: E402
 
 from medlens.cli import build_parser, main  # noqa: E402
+from medlens.models.card import ModelCard  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
 from medlens.service.auth import KeyStore  # noqa: E402
 from medlens.service.batching import MicroBatcher  # noqa: E402
@@ -161,6 +164,29 @@ def test_predict_png_and_jpeg_then_read_back_and_heatmap(client, state, keys, ke
             assert img.format == "PNG" and img.mode == "RGB"
             assert img.size == (p["input"]["width"], p["input"]["height"])  # <= 512 px: the upload's size
         assert _row(state, heat).action == "heatmap"
+
+
+def test_prediction_and_its_audit_row_carry_the_policy_hash(client, state, keys, kermany, run_dir):
+    """The card's operating-policy hash (threshold, temperature, referral) is in every prediction, its audit
+    row, the audit listing and the model info, and is the hash of the card file being served."""
+    card_on_disk = json.loads((run_dir / "model.card.json").read_text())
+    expected = ModelCard.from_dict(card_on_disk).compute_policy_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", expected) and state.card.policy_hash == expected
+    for method in ("softmax", "tta"):
+        r = client.post(f"/v1/predictions?uncertainty={method}", files={"file": ("x.jpeg", _cxr(kermany).read_bytes())},
+                        headers=_auth(keys["clinician"]))
+        assert r.status_code == 200, r.text
+        assert r.json()["policy_hash"] == expected
+        row = _row(state, r)
+        assert row.policy_hash == expected and row.output["policy_hash"] == expected
+        again = client.get(f"/v1/predictions/{r.json()['id']}", headers=_auth(keys["viewer"]))
+        assert again.json()["policy_hash"] == expected
+    page = client.get("/v1/audit?limit=1&action=predict", headers=_auth(keys["admin"])).json()
+    assert page["items"][0]["policy_hash"] == expected
+    info = client.get("/v1/models", headers=_auth(keys["viewer"])).json()["models"][0]
+    assert info["policy_hash"] == expected
+    r = client.get("/v1/models")  # a 401 is audited with the served policy too: every row names it
+    assert r.status_code == 401 and _row(state, r).policy_hash == expected
 
 
 def test_predict_uncertainty_methods(client, keys, kermany):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -21,16 +22,9 @@ import sqlalchemy as sa
 from conftest import require_shared
 
 from medlens.errors import ConfigError
-from medlens.service.audit import (
-    COLUMNS,
-    AuditLog,
-    DuplicateRequestError,
-    create_engine,
-    deidentify_dicom_fields,
-    dicom_fields,
-    keyed_hash,
-    utc_iso,
-)
+from medlens.service.audit import COLUMNS, AuditLog, DuplicateRequestError, audit_table
+from medlens.service.db import create_engine, create_tables, utc_iso, write_transaction
+from medlens.service.deid import deidentify_dicom_fields, dicom_fields, keyed_hash
 from medlens.service.settings import ServiceSettings, load_or_create_key, read_settings_file
 
 pytest_plugins = ["service_pg"]  # fixtures db_url, pg_url, pg_server: one PostgreSQL server per session
@@ -41,7 +35,8 @@ SHA = "ab" * 32
 
 def _record(log: AuditLog, rid: str, **kw) -> bool:
     args = {"action": "predict", "status": 200, "user": "alice", "role": "clinician", "input_sha256": SHA,
-            "model_id": "cxr-resnet18", "weights_sha256": "cd" * 32, "output": {"probability": 0.7},
+            "model_id": "cxr-resnet18", "policy_hash": "0123456789abcdef", "weights_sha256": "cd" * 32,
+            "output": {"probability": 0.7},
             "latency_ms": 12.5}
     return log.record(request_id=rid, **{**args, **kw})
 
@@ -143,6 +138,31 @@ def test_schema_creation_is_idempotent(db_url):
         log.close()
 
 
+def test_a_database_from_before_policy_hash_gets_the_column(db_url):
+    """An audit database made before the policy_hash column: opening it adds the column (old rows read NULL),
+    new rows carry the hash, the append-only triggers stay, and the CSV export has the column."""
+    columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, unique=c.unique,
+                         autoincrement=c.autoincrement) for c in audit_table.columns if c.name != "policy_hash"]
+    old = sa.Table("audit", sa.MetaData(), *columns, sa.Index("ix_audit_time", "time"))
+    engine = create_engine(db_url)
+    create_tables(engine, old, append_only=("audit",))  # what the previous version created
+    with write_transaction(engine) as conn:
+        conn.execute(old.insert().values(time=utc_iso(), request_id="before", action="predict", status=200,
+                                         model_id="cxr-resnet18"))
+    assert "policy_hash" not in {c["name"] for c in sa.inspect(engine).get_columns("audit")}
+    log = AuditLog(engine)
+    assert "policy_hash" in {c["name"] for c in sa.inspect(engine).get_columns("audit")}
+    assert log.get("before").policy_hash is None and log.get("before").model_id == "cxr-resnet18"
+    assert _record(log, "after")
+    assert log.get("after").policy_hash == "0123456789abcdef"
+    assert AuditLog(engine).count() == 2  # opening it again changes nothing
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE audit SET policy_hash = NULL")
+    rows = list(csv.DictReader(io.StringIO(log.export_csv_text())))
+    assert tuple(rows[0]) == COLUMNS and [r["policy_hash"] for r in rows] == ["", "0123456789abcdef"]
+    engine.dispose()
+
+
 def test_database_refuses_update_delete(db_url):
     log = AuditLog(db_url)
     _record(log, "r1")
@@ -186,6 +206,7 @@ def test_record_get_list_count_and_predictions(db_url):
     p1 = log.get_prediction("p1")
     assert p1.output == {"probability": 0.7} and p1.time == "2024-05-01T12:00:00.000000+00:00"
     assert p1.latency_ms == 12.5 and p1.input_sha256 == SHA and p1.model_id == "cxr-resnet18"
+    assert p1.policy_hash == "0123456789abcdef"
     assert log.get_prediction("bad") is None and log.get_prediction("g1") is None  # failed / not a prediction
     assert log.get_prediction("p1", user="bob") is None and log.get_prediction("p2", user="bob") is not None
     assert log.get("nope") is None
@@ -193,6 +214,8 @@ def test_record_get_list_count_and_predictions(db_url):
         _record(log, "x", input_sha256="not-a-digest")
     with pytest.raises(ValueError, match="request_id"):
         _record(log, "")
+    with pytest.raises(ValueError, match="policy_hash"):
+        _record(log, "y", policy_hash="threshold=0.5")
     log.close()
 
 
@@ -308,7 +331,8 @@ def test_export_csv_round_trip(db_url, tmp_path):
     assert [r["request_id"] for r in rows] == ["a", "b", "c"]
     for row, rec in zip(rows, records, strict=True):
         assert int(row["id"]) == rec.id and row["time"] == rec.time and int(row["status"]) == rec.status
-        for name in ("request_id", "user", "role", "action", "input_sha256", "model_id", "weights_sha256", "error"):
+        for name in ("request_id", "user", "role", "action", "input_sha256", "model_id", "policy_hash",
+                     "weights_sha256", "error"):
             assert row[name] == (getattr(rec, name) or "")
         assert (float(row["latency_ms"]) if row["latency_ms"] else None) == rec.latency_ms
         for name in ("dicom", "output"):

@@ -15,6 +15,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from medlens import rundir
 from medlens.errors import MedlensError
 
 DEFAULT_DATASET = "chest_xray"
@@ -48,11 +49,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = _resolve_data(args.data)
     run = Path(args.out)
-    if args.resume and (run / "config.yaml").exists():
+    if args.resume and rundir.is_run(run):
         from medlens.config import apply_overrides
-        from medlens.evaluate import run_config
 
-        cfg = apply_overrides(run_config(run), args.set)
+        cfg = apply_overrides(rundir.run_config(run), args.set)
     else:
         cfg = load_config(args.recipe if args.recipe != "auto" else _auto_recipe(str(data)), args.set)
     if args.strict:
@@ -69,8 +69,15 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from medlens.train import recalibrate
 
     card = recalibrate(args.run, _resolve_data(args.data), overrides=args.set, progress=not args.no_progress)
-    print(json.dumps({"run": str(args.run), "model_id": card.model_id, "temperature": card.temperature,
-                      "threshold": card.threshold, "refer": card.refer}))
+    change = card.policy_changes[-1] if card.policy_changes else {}
+    print(json.dumps({"run": str(args.run), "model_id": card.model_id, "policy_hash": card.policy_hash,
+                      "temperature": card.temperature, "threshold": card.threshold, "refer": card.refer,
+                      "after_test_look": bool(change.get("after_test_look"))}))
+    if change.get("after_test_look"):
+        print(f"medlens: note: the test split of {args.run} had already been evaluated "
+              f"({change['evaluations_before'].get('test')} time(s), policy {change['old_policy_hash']}); the new "
+              f"policy {card.policy_hash} is recorded in the model card as changed after a test look, and "
+              "evaluations.jsonl keeps every earlier evaluation", file=sys.stderr)
     return 0
 
 
@@ -80,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = _resolve_data(args.data)
     result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap,
                       masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False))
-    out = Path(args.run) / "eval" / args.split
+    out = rundir.eval_dir(args.run, args.split)
     keys = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece")
     print(f"{args.split}: n={result['n']}  threshold={result['threshold']:.4f}")
     for k in keys:
@@ -122,6 +129,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from medlens.data.readers import read_image
     from medlens.explain import save_overlay
+    from medlens.forward import shown_class
     from medlens.inference import Predictor
     from medlens.models.card import normalize_batch
 
@@ -134,7 +142,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     # Explain the label the user is shown (at the card's operating threshold), not the arg-max class.
     target = args.target
     if target is None:
-        target = card.positive_class if prob >= card.threshold else 1 - card.positive_class
+        target = int(shown_class(prob, card.threshold, card.positive_class))
     result = predictor.explain(x, args.method, target=target)
     cam = result.maps[0].detach().cpu().numpy()
     out = Path(args.out) if args.out else Path(f"{Path(args.file).stem}.{args.method}.png")
@@ -269,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", metavar="RUN")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default="auto")
-    r.add_argument("--uncertainty", choices=["mc", "tta", "ensemble"], default=None,
-                   help="add the spread over MC-dropout (mc) or test-time-augmentation (tta) passes")
+    # the methods are medlens.uncertainty.UNCERTAINTY_METHODS, checked by Predictor.predict (importing them
+    # here would load torch for every command, `medlens --help` included)
+    r.add_argument("--uncertainty", default=None, metavar="METHOD",
+                   help="softmax (the single pass, default), mc (MC-dropout passes), tta (test-time "
+                        "augmentation passes) or ensemble (the members of an ensemble run)")
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("explain", help="heat map of where the model looked (Grad-CAM family, occlusion)")

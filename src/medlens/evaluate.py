@@ -6,6 +6,7 @@ The threshold comes from the model card (chosen on validation during training) a
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -13,28 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from medlens.config import Config, config_from_dict
+import medlens
+from medlens import rundir
+from medlens.config import Config
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
 from medlens.data.split import patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
-from medlens.inference import Predictor, predict_logits, probabilities
+from medlens.forward import predict_logits, probabilities, shown_class
+from medlens.inference import Predictor
 from medlens.metrics import expected_calibration_error, metrics_with_ci, subgroup_sensitivity
 from medlens.models.card import ModelCard, jsonable, record_evaluation
 from medlens.report import write_report
 
 log = logging.getLogger("medlens.evaluate")
 SPLITS = ("test", "val", "train")
-
-
-def run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise DataError(f"{run_dir}: not a medlens run directory (no config.yaml)",
-                        hint="pass the --out folder of a finished `medlens train`")
-    return config_from_dict(yaml.safe_load(path.read_text()))
 
 
 def split_indices(table: SampleTable, cfg: Config, split: str, run_dir: Path) -> np.ndarray:
@@ -44,15 +39,15 @@ def split_indices(table: SampleTable, cfg: Config, split: str, run_dir: Path) ->
     if split == "test" and "test" in table.splits:
         return np.flatnonzero(np.asarray(table.splits) == "test")
     parts = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
-    saved = run_dir / "split.json"
+    saved = rundir.split_path(run_dir)
     if saved.exists() and split_manifest(table, parts)["hash"] != json.loads(saved.read_text())["hash"]:
-        raise DataError(f"{table.source}: the {split} split made from this data differs from the run's split.json",
+        raise DataError(f"{table.source}: the {split} split made from this data differs from the run's {rundir.SPLIT}",
                         hint="evaluate on the same data the run was trained on (or use --split test)")
     return parts[split]
 
 
 def _patients_seen_in_training(run_dir: Path) -> set[str]:
-    path = run_dir / "split.json"
+    path = rundir.split_path(run_dir)
     if not path.exists():
         return set()
     manifest = json.loads(path.read_text())
@@ -91,13 +86,31 @@ def _trust(predictor: Predictor, images: torch.Tensor, y: np.ndarray, prob: np.n
     return out
 
 
+HEADLINE = ("auc", "pr_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "ece")
+
+
+def _append_trace(run_dir: Path, card: ModelCard, split: str, data, fingerprint: str, images: torch.Tensor,
+                  y: np.ndarray, metrics: dict) -> None:
+    """One line in ``RUN/evaluations.jsonl`` (append-only; see ``medlens.rundir``): which weights, under which
+    operating policy, looked at which data, and what they scored there."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(np.asarray(y, dtype=np.int64).tobytes())
+    rundir.append_evaluation(run_dir, {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "split": split, "data": str(data),
+        "data_fingerprint": fingerprint, "data_sha256": digest.hexdigest(), "n": int(len(y)),
+        "model_id": card.model_id, "weights_sha256": card.weights_sha256, "policy_hash": card.policy_hash,
+        "policy": card.operating_policy(), "medlens": medlens.__version__, "bootstrap": metrics["bootstrap"],
+        "metrics": {k: metrics[k] for k in HEADLINE},
+    })
+
+
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, progress: bool = True,
              n_bootstrap: int | None = None, masks: str | Path | None = None, trust: bool = True) -> dict:
     """Metrics with intervals, calibration, uncertainty and referral, explanations and their faithfulness
     (``trust=False`` skips the last two), written to ``RUN/eval/SPLIT`` (metrics.json, predictions.csv,
     report.html). ``masks``: a folder of chest X-rays with lung masks for the lung-energy check."""
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    cfg = rundir.run_config(run_dir)
     predictor = Predictor.from_run(run_dir)
     card = predictor.card
     table = discover(data, patient_pattern=cfg.data.patient_pattern, strict=cfg.data.strict)
@@ -119,10 +132,13 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     prob = probabilities(logits, card.temperature)[:, card.positive_class]
     threshold = card.threshold
     n_boot = n_bootstrap if n_bootstrap is not None else cfg.eval.n_bootstrap
-    metrics = metrics_with_ci(y, prob, threshold, n_boot=n_boot, seed=cfg.train.seed)
+    # intervals resample patients where patients are known (their images are not independent), else images
+    patients = ([table.patient_ids[i] for i in loaded.keep]
+                if table.patient_id_source not in ("", "per-file") else None)
+    metrics = metrics_with_ci(y, prob, threshold, n_boot=n_boot, seed=cfg.train.seed, groups=patients)
 
     calibration = _calibration_summary(card, logits, y, prob, cfg)
-    pred = (prob >= threshold).astype(int)
+    pred = shown_class(prob, threshold, card.positive_class)
     subtypes = [table.meta[i].get("subtype") for i in loaded.keep]
     subgroups = None
     if any(subtypes):
@@ -156,13 +172,15 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     }
     if calibration:
         summary["calibration"] = calibration
-    out = run_dir / "eval" / split
+    out = rundir.eval_dir(run_dir, split)
     out.mkdir(parents=True, exist_ok=True)
-    result = {**metrics, "split": split, "model_id": card.model_id, "subgroups": subgroups,
+    result = {**metrics, "split": split, "model_id": card.model_id, "policy_hash": card.policy_hash,
+              "weights_sha256": card.weights_sha256, "subgroups": subgroups,
               "calibration": calibration, "uncertainty": checks.get("selective"),
               "faithfulness": checks.get("faithfulness"), "lung_energy": checks.get("lung_energy"),
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
+    _append_trace(run_dir, card, split, data, table.subset(loaded.keep).fingerprint(), loaded.images, y, metrics)
     record_evaluation(run_dir, split, {
         "data fingerprint": table.fingerprint()[:16], "n": int(len(y)),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,12 +1,13 @@
 """Prediction from a run directory: load the card and weights, preprocess exactly as in training, predict.
 
-Training (validation passes), evaluation, `medlens predict` and the service all go through `predict_probs`,
-so the network sees identically prepared input everywhere.
+``Predictor.from_run(run_dir).predict(paths)``: calibrated probability, the label at the operating threshold,
+uncertainty and ``refer``. The forward pass, the temperature and the label rule are ``medlens.forward``'s and
+the uncertainty is ``medlens.uncertainty.predictive``, the same functions training, evaluation and the service
+use, so the network sees identically prepared input everywhere.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,49 +18,10 @@ import torch.nn as nn
 
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
-from medlens.errors import DataError
-from medlens.models.card import ModelCard, load_checkpoint, normalize_batch
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"device '{name}' was asked for but no CUDA GPU is available",
-                        hint="use --set train.device=cpu (or auto)")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no loss scaling needed); a no-op on the CPU, where fp32 is faster for convs."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, intensity: str, batch_size: int = 256,
-                   device: torch.device | None = None, amp: bool = True) -> torch.Tensor:
-    """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches, model in eval mode."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    channels_last = device.type == "cuda"
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        x = normalize_batch(x, intensity)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            out.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities (N, C) from logits; temperature scaling is applied here and nowhere else."""
-    return torch.softmax(logits / temperature, dim=1).numpy()
+from medlens.errors import ConfigError, DataError
+from medlens.forward import decide, predict_logits, probabilities, resolve_device
+from medlens.models.card import ModelCard, load_checkpoint
+from medlens.uncertainty import UNCERTAINTY_METHODS, predictive
 
 
 @dataclass
@@ -93,8 +55,6 @@ class Predictor:
         ``softmax``: one pass; ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the
         first unchanged); ``ensemble``: the members of an ensemble run. Adds ``refer`` (bool) where the card
         holds a referral threshold for ``method``."""
-        from medlens.uncertainty import predictive
-
         refer = self.card.refer or {}
         out = predictive(self.model, images, method, intensity=self.card.intensity,
                          temperature=self.card.temperature, threshold=self.card.threshold,
@@ -136,7 +96,11 @@ class Predictor:
         """One result per file: calibrated probability, label at the operating point, threshold, model id,
         ``refer`` (the card's referral policy for the chosen uncertainty method; ``softmax`` by default) and,
         with ``uncertainty`` (mc | tta | ensemble), the spread over the passes. Unreadable files give a result
-        with an ``error`` field instead of stopping the batch."""
+        with an ``error`` field instead of stopping the batch. An unknown method raises ``ConfigError`` at once."""
+        method = uncertainty or "softmax"
+        if method not in UNCERTAINTY_METHODS:
+            raise ConfigError(f"unknown uncertainty method {method!r}",
+                              hint=f"choose one of {', '.join(UNCERTAINTY_METHODS)}")
         results: list[dict] = []
         batch, where = [], []
         for path in paths:
@@ -149,16 +113,15 @@ class Predictor:
             results.append({"path": str(path)})
             batch.append(self.prepare(image))
         if batch:
-            method = uncertainty or "softmax"
             extra = self.predict_with_uncertainty(torch.cat(batch), method)
             probs = extra.pop("probability")
             refer = extra.pop("refer", None)
             note = self.refer_note(method)
             for j, (i, p) in enumerate(zip(where, probs, strict=True)):
-                positive = bool(p >= self.card.threshold)
+                positive, label = decide(p, self.card)
                 results[i].update({
                     "probability": round(float(p), 6),
-                    "label": self.card.class_names[self.card.positive_class if positive else 1 - self.card.positive_class],
+                    "label": label,
                     "positive": positive,
                     "threshold": round(float(self.card.threshold), 6),
                     "refer": None if refer is None else bool(refer[j]),

@@ -163,16 +163,46 @@ def binary_metrics(y_true, y_prob, threshold: float, *, n_bins: int = 15) -> dic
     return out
 
 
+def _cluster_index(y: np.ndarray, groups: Sequence[Hashable], n_boot: int, rng: np.random.Generator,
+                   stratified: bool) -> tuple[list[np.ndarray], int]:
+    """Image indices of ``n_boot`` cluster-bootstrap resamples: patients are drawn with replacement and each
+    drawn patient brings all of its images (Field & Welsh 2007). ``stratified`` draws patients with and
+    without a positive image separately, keeping both counts fixed (so AUC is defined in every resample).
+    Returns the per-resample index arrays (their lengths vary) and the number of patients."""
+    _, inverse = np.unique(np.asarray([str(g) for g in groups], dtype=object), return_inverse=True)
+    inverse = inverse.ravel()
+    n_units = int(inverse.max()) + 1 if inverse.size else 0
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(n_units + 1))  # images of unit u: order[starts[u]:starts[u+1]]
+    sizes = np.diff(starts)
+    positive_unit = np.zeros(n_units, dtype=bool)
+    positive_unit[inverse[y == 1]] = True
+    strata = [np.flatnonzero(positive_unit), np.flatnonzero(~positive_unit)] if stratified else [np.arange(n_units)]
+    draws = np.concatenate([g[rng.integers(0, g.size, (n_boot, g.size))] for g in strata if g.size], axis=1)
+    index = []
+    for row in draws:
+        counts = np.bincount(row, minlength=n_units)  # how often each patient was drawn
+        take = np.repeat(np.arange(n_units), counts * sizes)
+        # position of each taken image inside its patient's block, then the image index itself
+        within = np.arange(take.size) - np.repeat(np.cumsum(counts * sizes) - counts * sizes, counts * sizes)
+        index.append(order[starts[take] + within % np.maximum(sizes[take], 1)])
+    return index, n_units
+
+
 def bootstrap_ci(
     y_true, y_prob, threshold: float, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-    stratified: bool = True, n_bins: int = 15,
+    stratified: bool = True, n_bins: int = 15, groups: Sequence[Hashable] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap ``(1 - alpha)`` confidence intervals for every metric in :data:`CI_METRICS`.
 
-    ``stratified=True`` resamples positives and negatives separately, keeping the class counts fixed (so
-    AUC is defined in every resample). The threshold is held fixed (it is not re-chosen per resample).
-    Resamples in which a metric is undefined are ignored for that metric; an interval is NaN when the metric
-    is undefined in every resample. Deterministic for a given ``seed``.
+    ``groups`` (one patient id per image) makes it a cluster bootstrap: *patients* are resampled, each with
+    all of their images, because images of one patient are not independent and resampling images would give
+    intervals that are too narrow. Without ``groups`` images are resampled.
+    ``stratified=True`` resamples positives and negatives (images, or patients with / without a positive
+    image) separately, keeping their counts fixed (so AUC is defined in every resample). The threshold is
+    held fixed (it is not re-chosen per resample). Resamples in which a metric is undefined are ignored for
+    that metric; an interval is NaN when the metric is undefined in every resample. Deterministic for a given
+    ``seed``.
 
     Note: ECE is biased upwards under resampling, so for a well-calibrated model the point estimate can lie
     at or just below the lower end of its percentile interval.
@@ -183,20 +213,29 @@ def bootstrap_ci(
     n = y.size
     if n == 0:
         return {k: (math.nan, math.nan) for k in CI_METRICS}
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries but there are {n} samples")
     rng = np.random.default_rng(seed)
-    if stratified:
-        parts = [np.flatnonzero(y == c) for c in (1, 0)]
-        index = np.concatenate([g[rng.integers(0, g.size, (n_boot, g.size))] for g in parts if g.size], axis=1)
-    else:
-        index = rng.integers(0, n, (n_boot, n))
     bins = _bin_index(p, n_bins)
     values = {k: np.empty(n_boot) for k in CI_METRICS}
-    rows = max(1, _CHUNK_ELEMENTS // n)
-    for lo in range(0, n_boot, rows):
-        ix = index[lo:lo + rows]
-        m = _batch_metrics(p[ix], y[ix], bins[ix], float(threshold), n_bins)
-        for k in CI_METRICS:
-            values[k][lo:lo + rows] = m[k]
+    if groups is not None:
+        # resamples differ in length (patients have different numbers of images): one kernel call each
+        for row, ix in enumerate(_cluster_index(y, groups, n_boot, rng, stratified)[0]):
+            m = _batch_metrics(p[ix][None], y[ix][None], bins[ix][None], float(threshold), n_bins)
+            for k in CI_METRICS:
+                values[k][row] = m[k][0]
+    else:
+        if stratified:
+            parts = [np.flatnonzero(y == c) for c in (1, 0)]
+            index = np.concatenate([g[rng.integers(0, g.size, (n_boot, g.size))] for g in parts if g.size], axis=1)
+        else:
+            index = rng.integers(0, n, (n_boot, n))
+        rows = max(1, _CHUNK_ELEMENTS // n)
+        for lo in range(0, n_boot, rows):
+            ix = index[lo:lo + rows]
+            m = _batch_metrics(p[ix], y[ix], bins[ix], float(threshold), n_bins)
+            for k in CI_METRICS:
+                values[k][lo:lo + rows] = m[k]
 
     out: dict[str, tuple[float, float]] = {}
     for k in CI_METRICS:
@@ -214,21 +253,26 @@ def bootstrap_ci(
     return out
 
 
-def metrics_with_ci(y_true, y_prob, threshold: float, **kw) -> dict:
+def metrics_with_ci(y_true, y_prob, threshold: float, *, groups: Sequence[Hashable] | None = None, **kw) -> dict:
     """:func:`binary_metrics` with bootstrap intervals, ready for ``metrics.json``.
 
     Every metric in :data:`CI_METRICS` becomes ``{"value": v, "ci_low": lo, "ci_high": hi}``; the counts and
-    the threshold stay plain numbers; ``"bootstrap"`` records the interval settings. ``kw`` goes to
-    :func:`bootstrap_ci` (``n_boot``, ``alpha``, ``seed``, ``stratified``, ``n_bins``).
+    the threshold stay plain numbers; ``"bootstrap"`` records how the intervals were made: ``unit``
+    (``"patient"`` when ``groups`` gives patient ids, else ``"image"``), ``resamples``, ``seed``, ``n_units``
+    (patients or images resampled), ``alpha``, ``stratified``. ``kw`` goes to :func:`bootstrap_ci`
+    (``n_boot``, ``alpha``, ``seed``, ``stratified``, ``n_bins``).
     """
     n_bins = kw.get("n_bins", 15)
     point = binary_metrics(y_true, y_prob, threshold, n_bins=n_bins)
-    ci = bootstrap_ci(y_true, y_prob, threshold, **kw)
+    ci = bootstrap_ci(y_true, y_prob, threshold, groups=groups, **kw)
     out: dict = {k: {"value": point[k], "ci_low": ci[k][0], "ci_high": ci[k][1]} for k in CI_METRICS}
     out.update({k: point[k] for k in COUNT_KEYS})
     out["bootstrap"] = {
-        "method": "percentile", "n_boot": kw.get("n_boot", 1000), "alpha": kw.get("alpha", 0.05),
-        "seed": kw.get("seed", 0), "stratified": kw.get("stratified", True), "ece_bins": n_bins,
+        "unit": "patient" if groups is not None else "image",
+        "resamples": kw.get("n_boot", 1000), "seed": kw.get("seed", 0),
+        "n_units": len({str(g) for g in groups}) if groups is not None else point["n"],
+        "method": "percentile", "alpha": kw.get("alpha", 0.05),
+        "stratified": kw.get("stratified", True), "ece_bins": n_bins,
     }
     return out
 

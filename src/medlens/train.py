@@ -29,22 +29,24 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 import medlens
+from medlens import rundir
+from medlens.calibration import calibration_split, fit_temperature
+from medlens.calibration import nll as calibration_nll
 from medlens.config import Config
 from medlens.data.augment import BatchAugment
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
 from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
 from medlens.errors import ConfigError, DataError
-from medlens.inference import autocast, predict_logits, probabilities, resolve_device
+from medlens.forward import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
 from medlens.metrics import binary_metrics, choose_threshold, expected_calibration_error
 from medlens.models import create_model
-from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint, update_card
 from medlens.models.ensemble import ENSEMBLE, Ensemble, ensemble_spec
-from medlens.uncertainty import calibration_split, fit_temperature
+from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
 
 log = logging.getLogger("medlens.train")
-RESUME_FILE = "last.ckpt"
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +56,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(rundir.train_log_path(run_dir))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("medlens").addHandler(handler)
     logging.getLogger("medlens").setLevel(logging.INFO)
@@ -138,8 +140,7 @@ def _fit_calibration(logits: torch.Tensor, y: np.ndarray, calib: np.ndarray, cfg
     temperature = fit_temperature(logits[calib], y[calib])
     before = expected_calibration_error(y[calib], probabilities(logits[calib], 1.0)[:, 1], cfg.eval.ece_bins)
     after = expected_calibration_error(y[calib], probabilities(logits[calib], temperature)[:, 1], cfg.eval.ece_bins)
-    target = torch.from_numpy(np.asarray(y[calib], dtype=np.int64))
-    nll = [float(torch.nn.functional.cross_entropy(logits[calib] / t, target)) for t in (1.0, temperature)]
+    nll = [calibration_nll(logits[calib], y[calib], t) for t in (1.0, temperature)]
     log.info("temperature %.3f fitted on %d held-apart validation images: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
              temperature, len(calib), nll[0], nll[1], before, after)
     return float(temperature), {"temperature": float(temperature), "n": int(len(calib)),
@@ -190,11 +191,11 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     with torch.device("meta"):
         create_model(cfg.model.name, num_classes=2, in_chans=1, **cfg.model.args)
     make_loss(tc.imbalance, torch.ones(2))
-    cfg.save(run_dir / "config.yaml")
+    cfg.save(rundir.config_path(run_dir))
 
     table, split, loaded = load_split_data(cfg, data, progress=progress)
     manifest = split_manifest(table, split)
-    (run_dir / "split.json").write_text(json.dumps(manifest, indent=1))
+    rundir.split_path(run_dir).write_text(json.dumps(manifest, indent=1))
     skipped = [s for part in loaded.values() for s in part.skipped]
     if skipped:
         (run_dir / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
@@ -233,10 +234,11 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     # the split, so the selection / calibration halves of validation stay untouched by every member.
     members = []
     for k in range(tc.ensemble):
-        member_dir = run_dir / "members" / str(k)
+        member_dir = rundir.member_dir(run_dir, k)
         member_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "split.json"):  # each member is a run of its own: `medlens evaluate` works
-            shutil.copyfile(run_dir / name, member_dir / name)
+        # each member is a run of its own: `medlens evaluate` works on it
+        for path in (rundir.config_path, rundir.split_path):
+            shutil.copyfile(path(run_dir), path(member_dir))
         finished = member_dir / "model.card.json"
         if resume and finished.exists():
             model, _ = load_checkpoint(member_dir, map_location=device)
@@ -256,7 +258,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         members.append(model.to(device))
     spec = ensemble_spec([{"name": cfg.model.name, "args": dict(cfg.model.args)}] * tc.ensemble)
     ensemble = Ensemble(members)
-    epochs = [ModelCard.load(run_dir / "members" / str(k) / "model.card.json").epoch for k in range(tc.ensemble)]
+    epochs = [ModelCard.load(rundir.member_dir(run_dir, k) / "model.card.json").epoch for k in range(tc.ensemble)]
     state = {"best_epoch": max(epochs), "member_epochs": epochs}
     return _finalise(ensemble, new_card(ENSEMBLE, spec), state, cfg, d, run_dir, device)
 
@@ -288,7 +290,7 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
 
     state = {"epoch": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     best_weights = None
-    resume_path = run_dir / RESUME_FILE
+    resume_path = rundir.resume_path(run_dir)
     if resume and resume_path.exists():
         # Loaded on the CPU: generator states must be CPU byte tensors; the optimiser moves its state itself.
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -305,7 +307,7 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
         log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
 
     # Rewritten from the checkpoint's history, so epochs after the last checkpoint are not listed twice.
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
+    metrics_file = rundir.epoch_metrics_path(run_dir).open("w")
     metrics_file.writelines(json.dumps(r) + "\n" for r in state["history"])
     start = state["epoch"]
     for epoch in range(start, tc.epochs):
@@ -368,8 +370,6 @@ def refer_policy(model: torch.nn.Module, images: torch.Tensor, card: ModelCard, 
     ``refer = decision entropy > threshold`` (the entropy of the call at the card's operating threshold, see
     ``medlens.uncertainty.decision_uncertainty``), the threshold being the ``eval.refer_coverage`` quantile of
     its values on these (held-apart validation) images: about 10 % of them would be referred."""
-    from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
-
     ec = cfg.eval
     thresholds = {}
     for method in available_methods(model):
@@ -425,6 +425,20 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
     return card
 
 
+def _splits_evaluated(run_dir: Path, card: ModelCard) -> dict[str, int]:
+    """How often each split was evaluated with these weights (``RUN/evaluations.jsonl``; the card's
+    ``evaluations`` too, for runs evaluated before the trace existed)."""
+    from medlens.rundir import read_evaluations
+
+    counts: dict[str, int] = {}
+    for e in read_evaluations(run_dir):
+        if e.get("weights_sha256") in (None, card.weights_sha256):
+            counts[e["split"]] = counts.get(e["split"], 0) + 1
+    for split in card.evaluations:
+        counts.setdefault(split, 1)
+    return counts
+
+
 def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] | None = None,
                 progress: bool = True) -> ModelCard:
     """Refit the temperature, the operating threshold and the referral policy of a finished run on its own
@@ -432,9 +446,10 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
 
     For runs made by an older medlens (e.g. before the referral policy existed) or to apply changed ``eval.*``
     settings (``overrides``, e.g. ``eval.refer_coverage=0.8``). The split must be the run's: a data set that
-    splits differently is refused. Earlier evaluations are dropped from the card (they used the old policy)."""
+    splits differently is refused. Earlier evaluations are dropped from the card (they used the old policy) but
+    ``RUN/evaluations.jsonl`` keeps them; when the test split was already evaluated, the change is logged and
+    recorded in ``card.policy_changes`` with ``after_test_look: true``."""
     from medlens.config import apply_overrides
-    from medlens.evaluate import run_config
 
     run_dir = Path(run_dir)
     for item in overrides or []:  # only the choices made on validation may change; the split and data may not
@@ -443,7 +458,7 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
             raise ConfigError(f"recalibrate cannot change '{key}'",
                               hint="only eval.* settings (not eval.calibration_fraction, which would move cases "
                                    "between the selection and calibration halves); retrain for anything else")
-    cfg = apply_overrides(run_config(run_dir), overrides or [])
+    cfg = apply_overrides(rundir.run_config(run_dir), overrides or [])
     device = resolve_device(cfg.train.device)
     model, old = load_checkpoint(run_dir, map_location=device)
     table, split, loaded = load_split_data(cfg, data, progress=progress)
@@ -465,8 +480,18 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     handler = _setup_logging(run_dir)
     try:
         log.info("recalibrating %s on its validation split", run_dir)
+        looked = _splits_evaluated(run_dir, old)
+        if "test" in looked:
+            log.warning("%s: the test split was already evaluated %d time(s) under policy %s; the new policy is "
+                        "recorded as changed after a test look (evaluations.jsonl keeps every evaluation)",
+                        run_dir, looked["test"], old.policy_hash)
         card = _finalise(model, card, state, cfg, d, run_dir, device)
-        cfg.save(run_dir / "config.yaml")  # only once the new card is written
+        change = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": "medlens recalibrate",
+                  "old_policy_hash": old.policy_hash, "new_policy_hash": card.compute_policy_hash(),
+                  "overrides": list(overrides or []), "evaluations_before": looked,
+                  "after_test_look": "test" in looked}
+        card = update_card(run_dir, lambda c: setattr(c, "policy_changes", [*old.policy_changes, change]))
+        cfg.save(rundir.config_path(run_dir))  # only once the new card is written
         return card
     finally:
         logging.getLogger("medlens").removeHandler(handler)

@@ -24,19 +24,16 @@ import torch
 from PIL import Image
 
 from medlens.config import Config
+from medlens.data.readers import read_image
 from medlens.errors import DataError
 from medlens.explain import deletion_insertion, randomisation_check
+from medlens.forward import shown_class
 from medlens.inference import Predictor
 from medlens.models.card import normalize_batch
-from medlens.uncertainty import REFER_MEASURE, available_methods, predictive, selective_curve, selective_gain
+from medlens.selective import selective_curve, selective_gain
+from medlens.uncertainty import REFER_MEASURE, available_methods, predictive
 
 log = logging.getLogger("medlens.trust")
-
-
-def shown_class(prob: np.ndarray, threshold: float, positive_class: int = 1) -> np.ndarray:
-    """The class index a user is shown for each positive-class probability."""
-    positive = np.asarray(prob) >= threshold
-    return np.where(positive, positive_class, 1 - positive_class).astype(np.int64)
 
 
 def selective_prediction(predictor: Predictor, images: torch.Tensor, y: np.ndarray, cfg: Config,
@@ -57,7 +54,7 @@ def selective_prediction(predictor: Predictor, images: torch.Tensor, y: np.ndarr
                        tta_passes=int(card.refer.get("tta_passes", ec.tta_passes)), device=predictor.device,
                        seed=cfg.train.seed)
         prob, u = r["probability"], r[measure]
-        correct = (prob >= card.threshold).astype(int) == y
+        correct = shown_class(prob, card.threshold, card.positive_class) == y
         curve = selective_curve(y, prob, u, card.threshold, points=11, min_coverage=0.5)
         gain = selective_gain(y, prob, u, card.threshold, coverage=ec.refer_coverage)
         # the same with the ordinary (p = 0.5 centred) predictive entropy, for comparison
@@ -128,11 +125,11 @@ def cam_gallery(predictor: Predictor, images: torch.Tensor, y: np.ndarray, prob:
     """The ``eval.n_cam_examples`` most confident true positives, false positives and false negatives, with
     the map of the label shown (items: image uint8 HxW, cam HxW, kind, prob, label, path)."""
     card = predictor.card
-    pred = (prob >= card.threshold).astype(int)
     positive = card.positive_class
-    kinds = (("true positive", (pred == 1) & (y == positive), -prob),
-             ("false positive", (pred == 1) & (y != positive), -prob),
-             ("false negative", (pred == 0) & (y == positive), prob))
+    shown_positive = shown_class(prob, card.threshold, positive) == positive
+    kinds = (("true positive", shown_positive & (y == positive), -prob),
+             ("false positive", shown_positive & (y != positive), -prob),
+             ("false negative", ~shown_positive & (y == positive), prob))
     gallery = []
     for kind, mask, order in kinds:
         chosen = [i for i in np.argsort(order, kind="stable") if mask[i]][: cfg.eval.n_cam_examples]
@@ -173,8 +170,6 @@ def lung_energy(predictor: Predictor, masks_root: str | Path, cfg: Config, *, li
 
     Images and masks are squashed to the model's input size exactly as ``preprocess`` does (masks with
     nearest-neighbour), so map and mask stay aligned."""
-    from medlens.data.readers import read_image
-
     card = predictor.card
     size = card.input_size
     pairs = mask_pairs(masks_root)[:limit]

@@ -1,74 +1,86 @@
-"""Trust: temperature scaling, predictive uncertainty and selective prediction (referral).
+"""How sure is the model about this image? Stochastic passes, their summaries, and THE prediction entry point.
 
-Three questions a reader of a medical model asks, and the functions that answer them:
+Several stochastic predictions per image: :func:`mc_dropout_logits` (Gal & Ghahramani 2016),
+:func:`tta_logits` (test-time augmentation) or :func:`ensemble_logits` (deep ensembles, Lakshminarayanan et
+al. 2017), each ``(S, N, C)`` logits, all run through ``medlens.forward.forward_batches``;
+:func:`member_probabilities` turns them into probabilities (temperature applied by
+``medlens.forward.probabilities``), :func:`summarise` into mean probability, predictive entropy, expected
+entropy, mutual information (BALD) and the variance of the positive-class probability, and
+:func:`decision_uncertainty` into the entropy of the call at the operating threshold (the referral measure).
+:func:`predictive` is the one entry point: training (the referral policy), ``medlens evaluate``,
+``medlens predict`` and the service all call it, with one of :data:`UNCERTAINTY_METHODS`.
 
-* **Are the probabilities honest?** :func:`fit_temperature` fits one scalar ``T`` (Guo et al. 2017, "On
-  Calibration of Modern Neural Networks") on held-apart validation logits; ``T`` goes into
-  ``ModelCard.temperature`` and is applied by ``medlens.inference.probabilities`` and nowhere else. Fit it on
-  data the epoch and threshold were *not* chosen on: :func:`calibration_split` splits the validation set
-  into a selection part and a calibration part, grouped by patient and stratified by label.
-* **How sure is the model about this image?** Several stochastic predictions per image:
-  :func:`mc_dropout_logits` (Gal & Ghahramani 2016), :func:`tta_logits` (test-time augmentation) or
-  :func:`ensemble_logits` (deep ensembles, Lakshminarayanan et al. 2017), each ``(S, N, C)`` logits;
-  :func:`member_probabilities` turns them into probabilities (temperature applied through
-  ``inference.probabilities``), and :func:`summarise` into mean probability, predictive entropy, expected
-  entropy, mutual information (BALD) and the variance of the positive-class probability.
-* **Which cases should a radiologist see?** :func:`choose_refer_threshold` picks, on validation, the
-  uncertainty above which a case is referred (``refer = uncertainty > threshold``) so that a chosen share
-  is referred; :func:`selective_curve` and :func:`selective_gain` show what referral buys: accuracy at the
-  operating threshold on the cases kept, as the most uncertain are removed.
+The neighbours: ``medlens.calibration`` (is the probability honest? temperature scaling and the held-apart
+calibration split) and ``medlens.selective`` (which cases should a radiologist see? referral thresholds and
+selective curves). Their names are re-exported here for older imports.
 
 Conventions follow ``medlens.metrics``: ``y_true`` is 0/1, ``y_prob`` the positive-class probability,
 predicted positive when ``y_prob >= threshold``. Logit tensors are ``(N, C)`` per pass, softmax heads,
 positive class index 1 for binary models; uncertainty is in nats. Malformed arrays (wrong shapes, NaN) are
-programming errors and raise ``ValueError``; data that cannot support the computation (one class only, too
-few cases or patients) raise :class:`~medlens.errors.DataError`.
+programming errors and raise ``ValueError``; an unknown method or one the model cannot do raises
+:class:`~medlens.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from medlens.calibration import (
+    MIN_CALIBRATION_SAMPLES,
+    TEMPERATURE_BOUNDS,
+    calibration_split,
+    fit_temperature,
+)
 from medlens.config import AugmentConfig
 from medlens.data.augment import BatchAugment
-from medlens.errors import DataError
-from medlens.models.card import normalize_batch
+from medlens.errors import ConfigError
+from medlens.forward import (
+    ArrayLike,
+    as_numpy,
+    as_tensor,
+    forward_batches,
+    model_device,
+    modes_restored,
+    predict_logits,
+    probabilities,
+)
+from medlens.models.ensemble import is_ensemble
+from medlens.selective import choose_refer_threshold, selective_curve, selective_gain
 
 __all__ = [
-    "MIN_CALIBRATION_SAMPLES",
-    "TEMPERATURE_BOUNDS",
+    "REFER_MEASURE",
     "TTA_AUGMENT",
-    "calibration_split",
-    "choose_refer_threshold",
+    "UNCERTAINTY_METHODS",
+    "available_methods",
+    "decision_uncertainty",
     "ensemble_logits",
-    "fit_temperature",
     "is_dropout",
     "mc_dropout_logits",
     "member_probabilities",
-    "selective_curve",
-    "selective_gain",
+    "predictive",
     "summarise",
     "tta_logits",
-    "UNCERTAINTY_METHODS",
-    "available_methods",
-    "predictive",
-    "decision_uncertainty",
-    "REFER_MEASURE",
+    # re-exported from medlens.calibration and medlens.selective
+    "MIN_CALIBRATION_SAMPLES",
+    "TEMPERATURE_BOUNDS",
+    "calibration_split",
+    "choose_refer_threshold",
+    "fit_temperature",
+    "selective_curve",
+    "selective_gain",
 ]
 
-#: the fitted temperature is clipped to this range (a T outside it means the logits carry no usable signal)
-TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
-#: fewer calibration cases than this give a temperature that is mostly noise
-MIN_CALIBRATION_SAMPLES = 20
+#: uncertainty methods a prediction can use; "softmax" is the single deterministic pass (always available).
+#: The one list: the CLI, the service and ``predictive`` take their choices from it.
+UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
+#: what the referral policy thresholds (see ``decision_uncertainty``)
+REFER_MEASURE = "decision_entropy"
 
 #: Test-time augmentation: about half the training augmentation, always applied, no noise, so every pass
 #: is a plausible re-acquisition of the same X-ray (small rotation / shift / zoom, exposure change).
@@ -76,136 +88,6 @@ TTA_AUGMENT = AugmentConfig(
     enabled=True, rotate_deg=5.0, translate=0.03, scale_min=0.95, scale_max=1.05,
     brightness=0.04, contrast=0.08, gamma=0.1, noise_std=0.0, p=1.0,
 )
-
-ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-def _as_numpy(a: ArrayLike, dtype=np.float64) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().float().numpy() if a.is_floating_point() else a.detach().cpu().numpy()
-    return np.asarray(a, dtype=dtype)
-
-
-def _as_tensor(a: ArrayLike, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().to(dtype)
-    return torch.as_tensor(np.asarray(a), dtype=dtype)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _autocast(device: torch.device, enabled: bool):
-    # imported here so that medlens.inference may import this module without a cycle
-    from medlens.inference import autocast
-
-    return autocast(device, enabled)
-
-
-@contextlib.contextmanager
-def _modes_restored(model: nn.Module) -> Iterator[None]:
-    """Remember every module's train/eval flag and put them all back on exit, also after an exception."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _forward(model: nn.Module, x: torch.Tensor, *, intensity: str | None, batch_size: int,
-             device: torch.device, amp: bool) -> torch.Tensor:
-    """float32 CPU logits of ``model`` for ``x`` in batches, in whatever mode the model is in now.
-
-    ``intensity`` None: ``x`` is network input already. Otherwise ``x`` is uint8 (or [0, 1] float) images and
-    goes through ``normalize_batch(x, intensity)`` first, exactly as ``inference.predict_logits`` does.
-    """
-    out = []
-    channels_last = device.type == "cuda"
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device, non_blocking=True)
-            if intensity is not None:
-                xb = normalize_batch(xb, intensity)
-            if channels_last and xb.ndim == 4:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
-                out.append(model(xb).float().cpu())
-    if not out:
-        raise ValueError("no images: x is empty")
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------- temperature scaling
-def _nll(logits: torch.Tensor, labels: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits / log_t.exp(), labels)
-
-
-def fit_temperature(logits: ArrayLike, labels: ArrayLike, *, max_iter: int = 200) -> float:
-    """The temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on ``labels`` (Guo et al. 2017).
-
-    ``logits``: (N, C) raw network outputs (before any temperature) of held-apart validation cases;
-    ``labels``: (N,) integer classes. Optimised over ``log T`` with L-BFGS (float64, strong-Wolfe line search),
-    started from the best point of a coarse log-spaced grid, so it cannot run off from a bad start. The NLL is
-    unimodal in ``log T`` (convex in ``1/T``), so the result clipped to :data:`TEMPERATURE_BOUNDS` is the
-    bounded optimum. ``T > 1`` softens over-confident models, ``T < 1`` sharpens under-confident ones; the
-    ranking (AUC) and the argmax never change, but a probability threshold does move: choose the operating
-    threshold on probabilities computed with the fitted ``T``.
-
-    Raises :class:`DataError` for fewer than :data:`MIN_CALIBRATION_SAMPLES` cases or a single class present,
-    ``ValueError`` for malformed input (shapes, non-finite logits, labels outside ``[0, C)``).
-    """
-    z = _as_tensor(logits, torch.float64)
-    y = _as_tensor(labels, torch.int64)
-    if z.ndim != 2 or y.ndim != 1 or z.shape[0] != y.shape[0]:
-        raise ValueError(f"fit_temperature needs logits (N, C) and labels (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
-    n, c = z.shape
-    if c < 2:
-        raise ValueError(f"fit_temperature needs at least 2 logits per case (softmax head), got {c}")
-    if not torch.isfinite(z).all():
-        raise ValueError("fit_temperature: logits contain NaN or inf")
-    if n and (y.min() < 0 or y.max() >= c):
-        raise ValueError(f"labels must be class indices in [0, {c}), found {sorted(set(y.tolist()))[:10]}")
-    if n < MIN_CALIBRATION_SAMPLES:
-        raise DataError(
-            f"cannot fit a temperature on {n} case(s): at least {MIN_CALIBRATION_SAMPLES} are needed for a "
-            "temperature that is not mostly noise",
-            hint="calibrate on a larger held-apart validation part (raise the calibration fraction), or skip calibration",
-        )
-    present = torch.unique(y)
-    if len(present) < 2:
-        raise DataError(
-            f"cannot fit a temperature: all {n} calibration cases have label {int(present[0])}, so any "
-            "over-confident T fits them; calibration needs both classes",
-            hint="calibrate on a part of the validation set stratified by label (see calibration_split)",
-        )
-
-    lo, hi = math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1])
-    with torch.no_grad():
-        grid = torch.linspace(lo, hi, 61, dtype=torch.float64)
-        nll_grid = torch.stack([_nll(z, y, g) for g in grid])
-    start = grid[int(torch.argmin(nll_grid))].clone()
-    log_t = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-10, tolerance_change=1e-12)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = _nll(z, y, log_t)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    fitted = log_t.detach().clamp(lo, hi)
-    with torch.no_grad():
-        if not torch.isfinite(fitted) or _nll(z, y, fitted) > _nll(z, y, start):  # L-BFGS failed: keep the grid point
-            fitted = start
-    return float(fitted.exp())
 
 
 # ------------------------------------------------------------------------------------------ MC dropout
@@ -239,12 +121,12 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, n: int = 20, *, seed: i
     same passes, and the caller's random state is left untouched.
 
     ``x``: network input (normalised float) when ``intensity`` is None; with ``intensity`` (the card's), uint8
-    images ``(N, 1, H, W)`` as in ``inference.predict_logits``. Warns when the model has no dropout with
+    images ``(N, 1, H, W)`` as in ``forward.predict_logits``. Warns when the model has no dropout with
     ``p > 0`` (all passes are then identical).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    device = device or _device_of(model)
+    device = device or model_device(model)
     drop = [m for m in model.modules() if is_dropout(m)]
     if not any(float(getattr(m, "p", getattr(m, "drop_prob", 1.0)) or 0.0) > 0 for m in drop):
         warnings.warn(
@@ -252,12 +134,12 @@ def mc_dropout_logits(model: nn.Module, x: torch.Tensor, n: int = 20, *, seed: i
             "(build the model with dropout > 0, or use tta_logits / ensemble_logits)",
             UserWarning, stacklevel=2,
         )
-    with _modes_restored(model), _fork_rng(device):
+    with modes_restored(model), _fork_rng(device):
         model.eval()
         for m in drop:
             m.training = True  # this module only: m.train() would also switch any BatchNorm inside it
         torch.manual_seed(seed)
-        passes = [_forward(model, x, intensity=intensity, batch_size=batch_size, device=device, amp=amp)
+        passes = [forward_batches(model, x, intensity=intensity, batch_size=batch_size, device=device, amp=amp)
                   for _ in range(n)]
     return torch.stack(passes)
 
@@ -272,7 +154,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, n: int = 8, *, intensity:
     give), not network input: each pass scales them to [0, 1], transforms them with
     ``medlens.data.augment.BatchAugment`` (``augment``, default :data:`TTA_AUGMENT`: small rotation, shift,
     zoom, brightness/contrast/gamma, no noise, no flips) and normalises with ``normalize_batch(x, intensity)``.
-    Pass 0 is the identity, so ``out[0]`` equals ``inference.predict_logits(model, images, intensity=...)``.
+    Pass 0 is the identity, so ``out[0]`` equals ``forward.predict_logits(model, images, intensity=...)``.
     The model is in eval mode throughout (modes restored afterwards); the transforms come from a
     ``torch.Generator`` seeded with ``seed`` on the model's device, so a given seed and batch size repeat exactly.
     """
@@ -280,27 +162,18 @@ def tta_logits(model: nn.Module, images: torch.Tensor, n: int = 8, *, intensity:
         raise ValueError(f"n must be >= 1, got {n}")
     if images.ndim != 4:
         raise ValueError(f"tta_logits needs images (N, C, H, W), got shape {tuple(images.shape)}")
-    device = device or _device_of(model)
+    device = device or model_device(model)
     cfg = augment or TTA_AUGMENT
     aug = BatchAugment(cfg, torch.Generator(device=device).manual_seed(seed))
-    channels_last = device.type == "cuda"
-    passes = []
-    with _modes_restored(model), torch.no_grad():
+
+    def transform(xb: torch.Tensor) -> torch.Tensor:
+        return aug(xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float())
+
+    with modes_restored(model):
         model.eval()
-        for k in range(n):
-            out = []
-            for start in range(0, len(images), batch_size):
-                xb = images[start : start + batch_size].to(device, non_blocking=True)
-                if k > 0:
-                    xb = aug(xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float())
-                xb = normalize_batch(xb, intensity)
-                if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, amp):
-                    out.append(model(xb).float().cpu())
-            if not out:
-                raise ValueError("no images: images is empty")
-            passes.append(torch.cat(out))
+        passes = [forward_batches(model, images, intensity=intensity, batch_size=batch_size, device=device,
+                                  amp=amp, transform=transform if k > 0 else None)
+                  for k in range(n)]
     return torch.stack(passes)
 
 
@@ -316,10 +189,10 @@ def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor, *, intensity: 
         raise ValueError("ensemble_logits needs at least one model")
     outs = []
     for model in models:
-        with _modes_restored(model):
+        with modes_restored(model):
             model.eval()
-            outs.append(_forward(model, x, intensity=intensity, batch_size=batch_size,
-                                 device=_device_of(model), amp=amp))
+            outs.append(forward_batches(model, x, intensity=intensity, batch_size=batch_size,
+                                        device=model_device(model), amp=amp))
     shapes = {tuple(o.shape) for o in outs}
     if len(shapes) > 1:
         raise ValueError(f"ensemble members disagree on the output shape: {sorted(shapes)}")
@@ -328,11 +201,9 @@ def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor, *, intensity: 
 
 # ------------------------------------------------------------------------------------------- summaries
 def member_probabilities(member_logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
-    """``(S, N, C)`` logits -> ``(S, N, C)`` probabilities through ``inference.probabilities`` (which applies
+    """``(S, N, C)`` logits -> ``(S, N, C)`` probabilities through ``forward.probabilities`` (which applies
     the temperature: the card's ``temperature`` goes here)."""
-    from medlens.inference import probabilities
-
-    z = _as_tensor(member_logits, torch.float32)
+    z = as_tensor(member_logits, torch.float32)
     if z.ndim != 3:
         raise ValueError(f"member_logits must be (S, N, C), got shape {tuple(z.shape)}")
     return np.stack([probabilities(z[s], temperature) for s in range(z.shape[0])])
@@ -360,7 +231,7 @@ def summarise(member_probs: ArrayLike, *, positive_class: int = 1) -> dict[str, 
 
     Entropies in nats. ``ValueError`` if the input is not (S, N, C) probabilities summing to 1.
     """
-    p = _as_numpy(member_probs)
+    p = as_numpy(member_probs)
     if p.ndim != 3:
         raise ValueError(f"member_probs must be (S, N, C) probabilities, got shape {p.shape}")
     if p.size and not (np.isfinite(p).all() and p.min() >= 0.0 and p.max() <= 1.0
@@ -383,11 +254,6 @@ def summarise(member_probs: ArrayLike, *, positive_class: int = 1) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------ one entry point
-#: uncertainty methods a prediction can use; "softmax" is the single deterministic pass (always available)
-UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
-#: what the referral policy thresholds (see ``decision_uncertainty``)
-REFER_MEASURE = "decision_entropy"
-
 
 def decision_uncertainty(member_probs: ArrayLike, threshold: float = 0.5, *,
                          positive_class: int = 1) -> dict[str, np.ndarray]:
@@ -402,7 +268,7 @@ def decision_uncertainty(member_probs: ArrayLike, threshold: float = 0.5, *,
     on the boundary, 0 far from it) and ``decision_mutual_information`` (its epistemic part). With
     ``threshold=0.5`` they equal the ordinary predictive entropy and mutual information.
     """
-    p = _as_numpy(member_probs)
+    p = as_numpy(member_probs)
     if p.ndim != 3 or p.shape[2] != 2:
         raise ValueError(f"decision_uncertainty needs binary (S, N, 2) probabilities, got shape {p.shape}")
     if not 0.0 <= threshold <= 1.0:
@@ -435,11 +301,7 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
     the passes, and int ``passes``. Training (the referral policy), ``medlens evaluate``, ``medlens predict``
     and the service all call this, so a threshold chosen on one is valid on the others.
     """
-    from medlens.errors import ConfigError
-    from medlens.inference import predict_logits, probabilities
-    from medlens.models.ensemble import is_ensemble
-
-    device = device or _device_of(model)
+    device = device or model_device(model)
     kw = {"intensity": intensity, "device": device, "batch_size": batch_size}
     if method == "softmax":
         members = probabilities(predict_logits(model, images, **kw), temperature)[None]
@@ -473,8 +335,6 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
 
 def available_methods(model: nn.Module) -> list[str]:
     """The uncertainty methods ``model`` supports: MC dropout needs dropout, ``ensemble`` an ensemble."""
-    from medlens.models.ensemble import is_ensemble
-
     methods = ["softmax"]
     if any(is_dropout(m) and float(getattr(m, "p", 0.0) or 0.0) > 0 for m in model.modules()):
         methods.append("mc")
@@ -482,150 +342,3 @@ def available_methods(model: nn.Module) -> list[str]:
     if is_ensemble(model):
         methods.append("ensemble")
     return methods
-
-
-# --------------------------------------------------------------------------------- selective prediction
-def _check_uncertainty(u: ArrayLike) -> np.ndarray:
-    u = _as_numpy(u)
-    if u.ndim != 1 or u.size == 0:
-        raise ValueError(f"uncertainty must be a non-empty 1-D array, got shape {u.shape}")
-    if not np.isfinite(u).all():
-        raise ValueError("uncertainty contains NaN or inf")
-    return u
-
-
-def choose_refer_threshold(uncertainty_val: ArrayLike, *, coverage: float = 0.9) -> float:
-    """Uncertainty threshold chosen on VALIDATION cases: ``refer = uncertainty > threshold``.
-
-    The threshold is the ``coverage`` quantile of the validation uncertainties (inverted-CDF quantile: the
-    smallest value with at least ``coverage`` of the cases at or below it), so at most ``1 - coverage`` of the
-    validation cases (e.g. 10 %) are referred, exactly that share when the values are distinct; ties at the
-    threshold are kept, never split. ``coverage=1`` refers nobody. Store it with the uncertainty measure and
-    the sampling settings it was computed with: the threshold means nothing for another measure.
-    """
-    u = _check_uncertainty(uncertainty_val)
-    if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-    return float(np.quantile(u, coverage, method="inverted_cdf"))
-
-
-def _selective_inputs(y_true, y_prob, uncertainty) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    y = _as_numpy(y_true, np.int64)
-    p = _as_numpy(y_prob)
-    u = _check_uncertainty(uncertainty)
-    if not (y.ndim == p.ndim == 1 and y.shape == p.shape == u.shape):
-        raise ValueError(f"y_true, y_prob and uncertainty must be 1-D of one length, got {y.shape}, {p.shape}, {u.shape}")
-    return y, p, u
-
-
-def selective_curve(y_true: ArrayLike, y_prob: ArrayLike, uncertainty: ArrayLike, threshold_prob: float, *,
-                    points: int = 20, min_coverage: float = 0.5) -> dict[str, np.ndarray]:
-    """Metrics at the operating threshold on the cases kept as the most uncertain are referred.
-
-    For ``points`` target coverages from 1.0 down to ``min_coverage``, cases with
-    ``uncertainty > choose_refer_threshold(uncertainty, coverage=target)`` are removed (the same rule as
-    referral, ties kept) and :func:`medlens.metrics.binary_metrics` is computed on the rest at
-    ``threshold_prob``. Returns arrays of length ``points``: ``target_coverage``, ``coverage`` (the share
-    actually kept), ``n``, ``accuracy``, ``sensitivity``, ``specificity`` and ``auc`` (NaN where the kept
-    cases hold one class only). A useful uncertainty makes accuracy rise as coverage falls; for the
-    evaluation split pass the referral threshold chosen on validation separately (see :func:`selective_gain`).
-    """
-    from medlens.metrics import UndefinedMetricWarning, binary_metrics
-
-    y, p, u = _selective_inputs(y_true, y_prob, uncertainty)
-    if points < 2 or not 0.0 < min_coverage < 1.0:
-        raise ValueError(f"need points >= 2 and 0 < min_coverage < 1, got {points}, {min_coverage}")
-    targets = np.linspace(1.0, min_coverage, points)
-    keys = ("accuracy", "sensitivity", "specificity", "auc")
-    out: dict[str, list] = {k: [] for k in ("coverage", "n", *keys)}
-    for target in targets:
-        keep = u <= choose_refer_threshold(u, coverage=float(target))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UndefinedMetricWarning)
-            m = binary_metrics(y[keep], p[keep], threshold_prob)
-        out["coverage"].append(keep.mean())
-        out["n"].append(int(keep.sum()))
-        for k in keys:
-            out[k].append(m[k])
-    result = {"target_coverage": targets}
-    result.update({k: np.asarray(v, dtype=np.int64 if k == "n" else np.float64) for k, v in out.items()})
-    return result
-
-
-def selective_gain(y_true: ArrayLike, y_prob: ArrayLike, uncertainty: ArrayLike, threshold_prob: float, *,
-                   coverage: float = 0.9, refer_threshold: float | None = None) -> float:
-    """Accuracy on the cases kept minus accuracy on all cases, at the operating threshold ``threshold_prob``.
-
-    Kept = ``uncertainty <= refer_threshold``; by default the threshold is chosen on these same cases with
-    :func:`choose_refer_threshold` (the ``coverage`` most certain share, e.g. 90 %). On a test split pass the
-    ``refer_threshold`` chosen on validation instead, for an honest estimate. About 0 for an uninformative
-    uncertainty, positive when uncertainty flags the errors.
-    """
-    y, p, u = _selective_inputs(y_true, y_prob, uncertainty)
-    t = choose_refer_threshold(u, coverage=coverage) if refer_threshold is None else float(refer_threshold)
-    keep = u <= t
-    correct = (p >= threshold_prob).astype(np.int64) == y
-    if not keep.any():
-        return math.nan
-    return float(correct[keep].mean() - correct.mean())
-
-
-# ----------------------------------------------------------------------------------- calibration split
-def calibration_split(indices: ArrayLike, labels: ArrayLike, patient_ids: Sequence[str], fraction: float = 0.5,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Split validation cases into ``(select_idx, calib_idx)``: whole patients, stratified by label.
-
-    ``indices`` (M,) identify the validation cases (table rows, or positions ``np.arange(M)`` into the
-    validation tensors); ``labels`` and ``patient_ids`` are aligned with ``indices`` (entry i describes case
-    ``indices[i]``). Use ``select_idx`` to choose the epoch and the operating threshold and ``calib_idx``,
-    which those choices never saw, to fit the temperature and the referral threshold.
-
-    Each patient goes to the stratum of its most frequent label (ties: the lowest label); within a stratum
-    the patients are shuffled with ``seed`` and taken for calibration until the stratum's ``fraction`` of its
-    images is reached as closely as whole patients allow. A stratum with two or more patients always puts at
-    least one in each part. Both returned arrays are sorted values of ``indices``; deterministic.
-    Raises :class:`DataError` for fewer than two patients.
-    """
-    idx = np.asarray(indices)
-    y = _as_numpy(labels, np.int64)
-    pids = [str(p) for p in patient_ids]
-    if not (idx.ndim == y.ndim == 1 and len(idx) == len(y) == len(pids)):
-        raise ValueError(f"indices, labels and patient_ids must be 1-D of one length, got {idx.shape}, {y.shape}, {len(pids)}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for pos, pid in enumerate(pids):
-        by_patient[pid].append(pos)
-    if len(by_patient) < 2:
-        raise DataError(
-            f"cannot split {len(idx)} validation case(s) from {len(by_patient)} patient(s) into a selection and a "
-            "calibration part: a patient-grouped split needs at least 2 patients",
-            hint="use a larger validation split, or skip calibration",
-        )
-    n_classes = int(y.max()) + 1 if len(y) else 1
-    strata: dict[int, list[str]] = defaultdict(list)
-    for pid in sorted(by_patient):
-        strata[int(np.argmax(np.bincount(y[by_patient[pid]], minlength=n_classes)))].append(pid)
-
-    rng = np.random.default_rng(seed)
-    calib_pos: list[int] = []
-    for label in sorted(strata):
-        members = strata[label]
-        order = [members[k] for k in rng.permutation(len(members))]
-        target = fraction * sum(len(by_patient[p]) for p in members)
-        taken, chosen = 0, []
-        for pid in order:
-            size = len(by_patient[pid])
-            if abs(taken + size - target) < abs(taken - target):  # closer to the target: take it, and go on
-                chosen.append(pid)
-                taken += size
-        if len(members) >= 2:
-            if not chosen:
-                chosen = [order[0]]
-            elif len(chosen) == len(members):
-                chosen = chosen[:-1]
-        for pid in chosen:
-            calib_pos.extend(by_patient[pid])
-    calib_mask = np.zeros(len(idx), dtype=bool)
-    calib_mask[calib_pos] = True
-    return np.sort(idx[~calib_mask]), np.sort(idx[calib_mask])

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from medlens.data import readers as _readers
-from medlens.data.sources import SampleTable, parse_npz_item
+from medlens.data.table import SampleTable, parse_npz_item
 from medlens.errors import DataError
 
 # Bump when preprocess() changes what it outputs: old cache entries are then ignored, not reused.

@@ -15,45 +15,24 @@ Three kinds of source are understood:
     test_labels``). Items are ``f"{npz_path}::{split}::{index}"``; MedMNIST has no patient ids, so every
     image is its own patient.
 
-Patient ids
------------
-A classifier must be validated on patients it has never seen, so every sample gets a patient id:
-
-1. ``patient_pattern`` (a regex with a group named ``patient`` or one group), searched in the file's
-   path relative to the data root (e.g. ``train/NORMAL/IM-0115-0001.jpeg``); it must match every file.
-2. Otherwise the Kermany chest X-ray names are recognised:
-
-   * ``personN_bacteria_M`` -> ``"personN_bacteria"``, ``personN_virus_M`` -> ``"personN_virus"``
-     (and ``meta["subtype"]``). The person number is counted separately for bacterial and viral
-     cases: in the shared copy of the data set images of ``person1_bacteria`` and ``person1_virus``
-     are no more alike than random pairs, while images of one ``personN_bacteria`` are, and the official
-     train/test split shares 170 person numbers between train and test but always with the other
-     subtype. Treating the number alone as the patient would merge unrelated children and make the
-     official split look leaky; the subtype is therefore part of the patient id.
-   * ``NORMAL2-IM-XXXX-YYYY`` -> ``"normal2-XXXX"``, ``IM-XXXX-YYYY`` -> ``"im-XXXX"`` (numbered
-     separately for the two prefixes).
-3. DICOM files: the PatientID element, pseudonymised as ``dicom-<sha256 prefix>`` so that no patient id is
-   written in clear into a run's split.json.
-4. Otherwise (or for a CSV, when there is a ``patient_id`` column, that column) the file itself: each
-   image is its own patient. ``SampleTable.patient_id_source`` says which rule was used and
-   ``SampleTable.notes`` warns when ids are per file (a split can then leak a patient's other images).
+Patient ids come from ``medlens.data.patients``; the table itself is ``medlens.data.table.SampleTable``
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
-import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medlens.errors import ConfigError, DataError
+from medlens.data.patients import PatientNamer, finish_patients, kermany_patient
+from medlens.data.table import SPLIT_NAMES, SampleTable, npz_item, parse_npz_item, relative_name
+from medlens.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test")
+__all__ = ["SPLIT_NAMES", "SampleTable", "discover", "kermany_patient", "npz_item", "parse_npz_item"]
+
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -61,226 +40,12 @@ _SPLIT_ALIASES = {
 }
 _IGNORED_DIRS = {"__macosx", "__pycache__"}
 
-# Kermany et al. 2018 file names (see module docstring for why the subtype is part of the patient id).
-_KERMANY_PATTERNS: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"^person(\d+)_(bacteria|virus)_\d+", re.IGNORECASE), "person"),
-    (re.compile(r"^NORMAL2-IM-(\d+)-\d+", re.IGNORECASE), "normal2"),
-    (re.compile(r"^IM-(\d+)-\d+", re.IGNORECASE), "im"),
-]
-
 # Class names of MedMNIST data sets (label i = classes[i]), from the MedMNIST v2 INFO table.
 _MEDMNIST_CLASSES = {
     "pneumoniamnist": ["normal", "pneumonia"],
     "breastmnist": ["malignant", "normal, benign"],
 }
 _NPZ_KEYS = [f"{s}_{k}" for s in SPLIT_NAMES for k in ("images", "labels")]
-
-
-@dataclass(eq=False)
-class SampleTable:
-    """One row per sample. All per-item lists have the same length and order."""
-
-    items: list[str]  # absolute file paths, or for npz: f"{npz_path}::{split}::{index}"
-    labels: np.ndarray  # int64 (N,)
-    patient_ids: list[str]
-    splits: list[str]  # "train" | "val" | "test" | "" (source has no split)
-    classes: list[str]  # label i = classes[i]
-    meta: list[dict]  # per item, e.g. {"subtype": "bacteria"} for Kermany pneumonia
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files left out
-    source: str = ""  # the folder, CSV or npz given to discover (absolute)
-    kind: str = ""  # "folder" | "csv" | "npz"
-    patient_id_source: str = ""  # "filename" | "pattern" | "column" | "per-file" | "mixed"
-    patients_per_file: bool = False  # True when (some) patient ids are just the file: splits may leak
-    notes: list[str] = field(default_factory=list)  # things the user should know about this source
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        n = len(self.items)
-        for name in ("labels", "patient_ids", "splits", "meta"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"SampleTable.{name} has {len(getattr(self, name))} entries, items has {n}")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def has_split(self) -> bool:
-        """True when the source brings its own split (some item has a non-empty split)."""
-        return any(self.splits)
-
-    def indices(self, split: str) -> np.ndarray:
-        """Indices of the items of one of the source's own splits."""
-        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
-
-    def label_counts(self, indices=None) -> dict[str, int]:
-        labels = self.labels if indices is None else self.labels[np.asarray(indices, dtype=np.int64)]
-        counts = np.bincount(labels, minlength=len(self.classes))
-        return {c: int(counts[i]) for i, c in enumerate(self.classes)}
-
-    def subset(self, mask_or_indices) -> SampleTable:
-        """A new table with the rows selected by a boolean mask (length N) or by integer indices."""
-        sel = np.asarray(mask_or_indices)
-        if sel.dtype == bool:
-            if sel.shape != (len(self),):
-                raise ValueError(f"mask has shape {sel.shape}, table has {len(self)} rows")
-            idx = np.flatnonzero(sel)
-        else:
-            idx = sel.astype(np.int64).ravel()
-        return SampleTable(
-            items=[self.items[i] for i in idx],
-            labels=self.labels[idx].copy(),
-            patient_ids=[self.patient_ids[i] for i in idx],
-            splits=[self.splits[i] for i in idx],
-            classes=list(self.classes),
-            meta=[dict(self.meta[i]) for i in idx],
-            skipped=list(self.skipped),
-            source=self.source,
-            kind=self.kind,
-            patient_id_source=self.patient_id_source,
-            patients_per_file=self.patients_per_file,
-            notes=list(self.notes),
-        )
-
-    def relative_name(self, i: int) -> str:
-        """The item's name relative to the source (forward slashes): the same on every machine."""
-        return _relative_name(self.items[i], self.source, self.kind)
-
-    def fingerprint(self) -> str:
-        """sha256 over the items' relative names, labels and class names (stable across machines)."""
-        h = hashlib.sha256()
-        h.update(("\x1f".join(self.classes) + "\x1e").encode())
-        for i in range(len(self)):
-            h.update(f"{self.relative_name(i)}\x1f{int(self.labels[i])}\x1e".encode())
-        return h.hexdigest()
-
-    def summary(self) -> str:
-        """A few lines for a terminal."""
-        lines = [f"{self.kind} {self.source}: {len(self)} images, {len(set(self.patient_ids))} patients"]
-        for split in ([s for s in SPLIT_NAMES if s in self.splits] if self.has_split else [""]):
-            idx = self.indices(split) if split else np.arange(len(self))
-            counts = ", ".join(f"{c} {n}" for c, n in self.label_counts(idx).items())
-            lines.append(f"  {split or 'all'}: {len(idx)} ({counts})")
-        if self.skipped:
-            lines.append(f"  skipped {len(self.skipped)} unreadable files, e.g. {self.skipped[0][0]}")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _relative_name(item: str, source: str, kind: str) -> str:
-    if kind == "npz":
-        path, split, index = item.rsplit("::", 2)
-        return f"{Path(path).name}::{split}::{index}"
-    base = Path(source) if kind == "folder" else Path(source).parent
-    p = Path(item)
-    try:
-        return p.relative_to(base).as_posix()
-    except ValueError:  # an absolute path outside the CSV's folder: keep what is stable, the tail
-        return "/".join(p.parts[-3:])
-
-
-# ---------------------------------------------------------------------------------------------------
-# patient ids
-
-
-def _compile_pattern(pattern: str | None) -> re.Pattern | None:
-    if pattern is None:
-        return None
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"patient pattern {pattern!r} is not a valid regular expression: {e}") from None
-    if "patient" not in rx.groupindex and rx.groups < 1:
-        raise ConfigError(
-            f"patient pattern {pattern!r} has no group: mark the patient id with (?P<patient>...) or (...)"
-        )
-    return rx
-
-
-def kermany_patient(name: str) -> tuple[str, dict] | None:
-    """Patient id and meta from a Kermany file name (``person12_virus_34.jpeg``), or None."""
-    stem = Path(name).name
-    for rx, kind in _KERMANY_PATTERNS:
-        m = rx.match(stem)
-        if m is None:
-            continue
-        number = m.group(1)
-        if kind == "person":
-            subtype = m.group(2).lower()
-            return f"person{number}_{subtype}", {"subtype": subtype}
-        return f"{kind}-{number}", {}
-    return None
-
-
-class _PatientNamer:
-    """Gives each file a patient id and records which rule was used."""
-
-    def __init__(self, pattern: str | None):
-        self.rx = _compile_pattern(pattern)
-        self.pattern = pattern
-        self.used: Counter = Counter()
-        self.unmatched: list[str] = []
-
-    def __call__(self, rel: str, path: Path | None = None) -> tuple[str, dict]:
-        if self.rx is not None:
-            m = self.rx.search(rel)
-            if m is None:
-                self.unmatched.append(rel)
-                return rel, {}
-            pid = m.group("patient") if "patient" in self.rx.groupindex else m.group(1)
-            self.used["pattern"] += 1
-            return pid, {}
-        found = kermany_patient(rel)
-        if found is not None:
-            self.used["filename"] += 1
-            return found
-        pid = _dicom_patient(path) if path is not None and path.suffix.lower() in (".dcm", ".dicom") else None
-        if pid is not None:
-            self.used["dicom"] += 1
-            return pid, {}
-        self.used["per-file"] += 1
-        return _per_file_id(rel), {}
-
-    def check(self, where: str) -> None:
-        if self.unmatched:
-            n = len(self.unmatched)
-            raise DataError(
-                f"patient pattern {self.pattern!r} matched no patient id in {n} file(s) of {where}, "
-                f"e.g. {', '.join(self.unmatched[:3])}",
-                hint="the pattern is searched in each path relative to the data root; fix the pattern "
-                "or leave it out to use the file names",
-            )
-
-
-def _dicom_patient(path: Path) -> str | None:
-    """A DICOM file's PatientID, pseudonymised: run folders (split.json) must not carry patient ids in clear,
-    so the id is replaced by a stable hash that still groups a patient's images."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    except Exception:  # unreadable headers are reported by the reader at decode time
-        return None
-    pid = str(getattr(ds, "PatientID", "") or "").strip()
-    return f"dicom-{hashlib.sha256(pid.encode()).hexdigest()[:16]}" if pid else None
-
-
-def _per_file_id(rel: str) -> str:
-    """Patient id of a file with no known patient: its relative path without suffix (unique per file)."""
-    p = Path(rel)
-    return p.with_suffix("").as_posix() if p.suffix else p.as_posix()
-
-
-def _finish_patients(table_kwargs: dict, used: Counter, n: int) -> None:
-    kinds = [k for k in ("column", "pattern", "filename", "dicom", "per-file") if used.get(k)]
-    table_kwargs["patient_id_source"] = kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "")
-    table_kwargs["patients_per_file"] = bool(used.get("per-file"))
-    if used.get("per-file"):
-        k = used["per-file"]
-        table_kwargs["notes"].append(
-            f"no patient id found for {k} of {n} images: each of them counts as its own patient, so a "
-            "patient with several images can end up in both train and validation; give a patient_pattern "
-            "or a CSV with a patient_id column"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +178,7 @@ def _discover_folder(root: Path, pattern: str | None, strict: bool, check: bool)
         )
     class_index = {c: i for i, c in enumerate(classes)}
 
-    namer = _PatientNamer(pattern)
+    namer = PatientNamer(pattern)
     kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
     skipped: list[tuple[str, str]] = []
     ignored_total = 0
@@ -446,7 +211,7 @@ def _discover_folder(root: Path, pattern: str | None, strict: bool, check: bool)
     _handle_skipped(skipped, strict, str(root))
     if not kw["items"]:
         raise DataError(f"no readable images found in {root}")
-    _finish_patients(kw, namer.used, len(kw["items"]))
+    finish_patients(kw, namer.used, len(kw["items"]))
     if ignored_total:
         kw["notes"].append(f"ignored {ignored_total} file(s) that are not images")
     if split_dirs:
@@ -553,7 +318,7 @@ def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool
         )
     class_index = {c: i for i, c in enumerate(classes)}
 
-    namer = _PatientNamer(pattern)
+    namer = PatientNamer(pattern)
     kw: dict = dict(items=[], labels=[], patient_ids=[], splits=[], meta=[], notes=[])
     skipped: list[tuple[str, str]] = []
     for _line, fp, label, split, pid, meta in entries:
@@ -562,7 +327,7 @@ def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool
             if reason is not None:
                 skipped.append((str(fp), reason))
                 continue
-        rel = _relative_name(str(fp), str(csv_path), "csv")
+        rel = relative_name(str(fp), str(csv_path), "csv")
         if pid:
             namer.used["column"] += 1
             found = kermany_patient(rel)
@@ -580,7 +345,7 @@ def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool
     _handle_skipped(skipped, strict, str(csv_path))
     if not kw["items"]:
         raise DataError(f"no readable images listed in {csv_path}")
-    _finish_patients(kw, namer.used, len(kw["items"]))
+    finish_patients(kw, namer.used, len(kw["items"]))
     return SampleTable(classes=classes, skipped=skipped, source=str(csv_path), kind="csv", **_as_arrays(kw))
 
 
@@ -588,16 +353,6 @@ def _discover_csv(csv_path: Path, pattern: str | None, strict: bool, check: bool
 # MedMNIST npz
 
 
-def npz_item(npz_path: str | Path, split: str, index: int) -> str:
-    return f"{npz_path}::{split}::{index}"
-
-
-def parse_npz_item(item: str) -> tuple[str, str, int] | None:
-    """``(npz_path, split, index)`` for an npz item, or None for a file path."""
-    parts = item.rsplit("::", 2)
-    if len(parts) != 3 or parts[1] not in SPLIT_NAMES or not parts[2].isdigit():
-        return None
-    return parts[0], parts[1], int(parts[2])
 
 
 def _discover_npz(npz_path: Path) -> SampleTable:

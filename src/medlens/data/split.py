@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
-from medlens.data.sources import SampleTable
+from medlens.data.table import SampleTable
 from medlens.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -113,36 +114,55 @@ def _need_patients(table: SampleTable, idx: np.ndarray, what: str, minimum: int 
 
 def _carve(table: SampleTable, pool: np.ndarray, fraction: float, rng: np.random.Generator):
     """Split ``pool`` into (rest, carved): ``fraction`` of the images, whole patients, stratified by label."""
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for i in pool:
-        by_patient[table.patient_ids[i]].append(int(i))
-    n_classes = max(len(table.classes), int(table.labels.max()) + 1 if len(table) else 0)
-    strata: dict[int, list[str]] = defaultdict(list)
-    for pid in sorted(by_patient):
-        counts = np.bincount(table.labels[by_patient[pid]], minlength=n_classes)
-        strata[int(np.argmax(counts))].append(pid)
+    pool = np.asarray(pool, dtype=np.int64)
+    carved = grouped_stratified_carve(table.labels[pool], [table.patient_ids[i] for i in pool], fraction, rng)
+    return np.sort(pool[~carved]), np.sort(pool[carved])
 
-    carved: list[int] = []
+
+def grouped_stratified_carve(labels: np.ndarray, groups: Sequence[str], fraction: float,
+                             rng: np.random.Generator) -> np.ndarray:
+    """Which cases to carve off: a boolean mask over ``labels`` / ``groups`` (aligned, one entry per case)
+    selecting ``fraction`` of the cases as whole groups (patients), stratified by label.
+
+    The one implementation of the carve: train / val / test here, and the selection / calibration halves of
+    validation (``medlens.calibration.calibration_split``). Each group goes to the stratum of its most
+    frequent label (ties: the lowest label). Within a stratum the groups, in sorted order, are shuffled with
+    ``rng`` and taken greedily while a group brings the stratum closer to ``fraction`` of its cases (a later,
+    smaller group may still fit). A stratum of two or more groups always keeps at least one group on each side:
+    when none was taken, its smallest group is; when all were (only possible for a fraction above one half),
+    the last taken goes back. Deterministic for a given ``rng`` state.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for pos, g in enumerate(groups):
+        by_group[g].append(pos)
+    n_classes = int(y.max()) + 1 if len(y) else 1
+    strata: dict[int, list[str]] = defaultdict(list)
+    for g in sorted(by_group):
+        strata[int(np.argmax(np.bincount(y[by_group[g]], minlength=n_classes)))].append(g)
+
+    carved = np.zeros(len(y), dtype=bool)
     for label in sorted(strata):
-        pids = strata[label]
-        order = rng.permutation(len(pids))
-        sizes = [len(by_patient[pids[k]]) for k in order]
+        members = strata[label]
+        order = rng.permutation(len(members))
+        sizes = [len(by_group[members[k]]) for k in order]
         target = fraction * sum(sizes)
         taken = 0
         chosen: list[int] = []
         for k, size in zip(order, sizes, strict=True):
-            # take the patient if that brings the stratum closer to its target (never overshoot by more
-            # than half a patient), and keep going: a later, smaller patient may still fit
+            # take the group if that brings the stratum closer to its target (never overshoot by more than
+            # half a group), and keep going: a later, smaller group may still fit
             if taken + size <= target or (taken + size - target) < (target - taken):
-                chosen.append(k)
+                chosen.append(int(k))
                 taken += size
-        if not chosen and len(pids) >= 2 and target > 0:
-            chosen = [min(order, key=lambda k: (len(by_patient[pids[k]]), pids[k]))]
+        if len(members) >= 2:
+            if not chosen and target > 0:
+                chosen = [min(order, key=lambda k: (len(by_group[members[k]]), members[k]))]
+            elif len(chosen) == len(members):
+                chosen = chosen[:-1]
         for k in chosen:
-            carved.extend(by_patient[pids[k]])
-    carved_arr = np.array(sorted(carved), dtype=np.int64)
-    rest = np.setdiff1d(pool, carved_arr, assume_unique=False).astype(np.int64)
-    return rest, carved_arr
+            carved[by_group[members[k]]] = True
+    return carved
 
 
 def assert_patient_disjoint(table: SampleTable, split: dict) -> None:

@@ -281,14 +281,21 @@ def save_checkpoint(
     return weights_path, card_path
 
 
-def record_evaluation(run_dir: str | os.PathLike, split: str, summary: dict[str, Any]) -> None:
-    """Add ``summary`` under ``evaluations[split]`` of the run's card (atomically; the weights are untouched,
-    so the weights' checksum and the model id stay the same)."""
+def update_card(run_dir: str | os.PathLike, change) -> ModelCard:
+    """Load the run's card, apply ``change(card)`` and write it back atomically. The weights are untouched, so
+    the weights' checksum and the model id stay the same; the policy hash is recomputed."""
     card_path = _find_card(Path(run_dir))
     card = ModelCard.load(card_path)
-    card.evaluations[split] = jsonable(summary)
+    change(card)
     text = card.to_json()
     _atomic_write(card_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return card
+
+
+def record_evaluation(run_dir: str | os.PathLike, split: str, summary: dict[str, Any]) -> None:
+    """Add ``summary`` under ``evaluations[split]`` of the run's card (the latest evaluation of each split;
+    the full history is ``RUN/evaluations.jsonl``, see ``medlens.rundir``)."""
+    update_card(run_dir, lambda card: card.evaluations.__setitem__(split, jsonable(summary)))
 
 
 def _find_card(path: Path) -> Path:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from medlens.errors import ConfigError
-from medlens.models import register_model
 from medlens.models.base import ImageClassifier, global_avg_pool
+from medlens.models.registry import register_model
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from medlens.models import register_model
 from medlens.models.base import ImageClassifier
+from medlens.models.registry import register_model
 
 if TYPE_CHECKING:
     from monai.networks import nets as monai_nets

@@ -127,8 +127,15 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
     note = ""
     if isinstance(boot, Mapping):
         how = "stratified by class" if boot.get("stratified", True) else "not stratified"
-        note = (f'<p class="note">{_e(level)} confidence intervals: {_e(boot.get("method", "percentile"))} bootstrap, '
-                f'{_e(boot.get("n_boot", "?"))} resamples, {_e(how)}, seed {_e(boot.get("seed", "?"))}; '
+        resamples = boot.get("resamples", boot.get("n_boot", "?"))
+        if boot.get("unit") == "patient":
+            unit = (f"resampling patients ({boot.get('n_units', '?')} patients, each with all of their images: "
+                    "images of one patient are not independent)")
+        else:
+            unit = (f"resampling images ({boot.get('n_units', '?')} images; no patient ids were known, so images "
+                    "of one patient, if any, count as independent and the intervals may be too narrow)")
+        note = (f'<p class="note">{_e(level)} confidence intervals: {_e(boot.get("method", "percentile"))} bootstrap '
+                f'{_e(unit)}, {_e(resamples)} resamples, {_e(how)}, seed {_e(boot.get("seed", "?"))}; '
                 "the threshold is held fixed.</p>")
     return (f"<table><thead><tr><th>Metric</th><th>Value</th><th>{_e(level)} CI</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>{note}")

@@ -1,182 +1,70 @@
 """The audit trail: one append-only row per request, in SQLite (the embedded default) or PostgreSQL.
 
-Durability. On SQLite every connection runs in WAL mode with ``synchronous=FULL``: :meth:`AuditLog.record`
-commits (and so fsyncs the WAL) before it returns, so a row the service has acknowledged survives a
-``kill -9`` of the server and a power cut. PostgreSQL commits durably by default (``synchronous_commit=on``).
+The database plumbing (engines, WAL and ``synchronous=FULL`` on SQLite, schema creation and the append-only
+triggers) is :mod:`medlens.service.db`; the de-identification of DICOM fields is :mod:`medlens.service.deid`.
+This module holds the table, :class:`AuditRecord`, :class:`AuditLog` and :class:`GroupCommitter`.
+
+Durability. :meth:`AuditLog.record` and :meth:`AuditLog.insert_rows` commit before they return; on SQLite a
+commit fsyncs the WAL, so a row the service has acknowledged survives a ``kill -9`` of the server and a power
+cut. PostgreSQL commits durably by default (``synchronous_commit=on``).
 
 Append-only. The class has no update or delete method, and the database refuses them too: triggers raise on
 ``UPDATE`` / ``DELETE`` (and ``TRUNCATE`` on PostgreSQL). Triggers stop mistakes and SQL typed by hand, not the
 database's owner, who can drop them: in production give the service's database role INSERT and SELECT only.
 
-Privacy. The ``dicom`` column holds only :func:`deidentify_dicom_fields` output: an allow-list of technical
-fields (modality, body part, view, study year, ...) kept in clear and patient / study identifiers replaced by
-keyed HMAC-SHA256 pseudonyms; every other field is dropped. :meth:`AuditLog.record` applies it itself, so raw
-DICOM metadata passed by mistake never reaches the database in clear.
+Privacy. The ``dicom`` column holds only :func:`~medlens.service.deid.deidentify_dicom_fields` output: an
+allow-list of technical fields kept in clear and patient / study identifiers replaced by keyed HMAC-SHA256
+pseudonyms; every other field is dropped. :meth:`AuditLog.prepare` applies it itself, so raw DICOM metadata
+passed by mistake never reaches the database in clear.
 
 Idempotency. ``request_id`` is unique: recording the same request id again inserts nothing and returns False
 (or raises :class:`DuplicateRequestError` with ``on_duplicate="raise"``), so a retried write cannot duplicate.
+
+Schema changes. ``policy_hash`` (the model card's operating-policy hash) was added after the first release;
+opening an older database adds the column (:func:`medlens.service.db.add_missing_columns`), and its old rows
+read as NULL.
 """
 
 from __future__ import annotations
 
 import builtins
 import csv
-import hashlib
-import hmac
 import io
 import json
 import logging
 import os
 import re
 import tempfile
-import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.schema import CreateIndex, CreateTable
 
-from medlens.errors import ConfigError, MedlensError
+from medlens.errors import MedlensError
+from medlens.service.db import ROW_ID, create_engine, create_tables, engine_for, utc_iso, write_transaction
+from medlens.service.deid import deidentify_dicom_fields, dicom_fields, keyed_hash
+
+__all__ = [
+    "COLUMNS", "AuditLog", "AuditRecord", "DuplicateRequestError", "GroupCommitter", "audit_table", "metadata",
+    # defined in medlens.service.db / medlens.service.deid; importable from here as before the split
+    "create_engine", "deidentify_dicom_fields", "dicom_fields", "keyed_hash", "utc_iso",
+]
 
 _log = logging.getLogger("medlens.service.audit")
-
-# ------------------------------------------------------------------------------------------------- engines
-
-_OUR_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines made by create_engine (pragmas attached)
-_WRITE = "medlens_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
-_SCHEMA_LOCK = 0x6D6C656E  # PostgreSQL advisory lock id serialising schema creation ("mlen")
-
-
-def create_engine(url: str) -> Engine:
-    """A SQLAlchemy engine for a database URL, set up for the audit trail.
-
-    ``postgresql://`` / ``postgres://`` URLs use psycopg 3. SQLite files get WAL + ``synchronous=FULL`` + a
-    30 s busy timeout on every connection, and write transactions start with ``BEGIN IMMEDIATE`` (the write
-    lock is taken up front, so concurrent writers queue instead of failing with "database is locked").
-    """
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigError(f"database URL '{url}' is not valid ({exc})",
-                          hint="use sqlite:////absolute/path/audit.db or postgresql://user@host/dbname") from exc
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    backend = parsed.get_backend_name()
-    kwargs: dict[str, Any] = {}
-    if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": 30}
-    else:
-        kwargs["pool_pre_ping"] = True
-    try:
-        engine = sa.create_engine(parsed, **kwargs)
-    except (ImportError, sa.exc.NoSuchModuleError) as exc:  # psycopg missing, or an unknown dialect
-        raise ConfigError(f"database URL '{parsed.render_as_string()}': driver not installed ({exc})",
-                          hint="pip install 'medlens[service]'") from exc
-    if backend == "sqlite":
-        event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
-    _OUR_ENGINES.add(engine)
-    return engine
-
-
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    # The driver's own implicit BEGIN is turned off (isolation_level None) so that _sqlite_begin decides how
-    # each transaction starts, and DDL runs inside transactions too (SQLAlchemy's documented pysqlite recipe).
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: durable across power loss
-    finally:
-        cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
-
-
-def engine_for(target: str | Engine) -> tuple[Engine, bool]:
-    """(engine, owned): a new engine for a URL (owned: dispose it when done) or the engine given."""
-    if isinstance(target, Engine):
-        if target.dialect.name == "sqlite" and target not in _OUR_ENGINES:
-            raise ValueError("a SQLite engine must come from medlens.service.audit.create_engine "
-                             "(it sets WAL, synchronous=FULL and BEGIN IMMEDIATE)")
-        return target, False
-    return create_engine(target), True
-
-
-@contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A connection in a write transaction: committed when the block ends, rolled back if it raises."""
-    with engine.connect() as conn:
-        conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            yield conn
-
-
-def create_append_only_triggers(conn: Connection, table: str) -> None:
-    """Triggers that make the database itself refuse UPDATE / DELETE (and TRUNCATE) on ``table``."""
-    if conn.dialect.name == "sqlite":
-        for op in ("UPDATE", "DELETE"):
-            conn.exec_driver_sql(
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, 'medlens: table {table} is append-only: {op} refused'); END"
-            )
-    elif conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(
-            "CREATE OR REPLACE FUNCTION medlens_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            "BEGIN RAISE EXCEPTION USING MESSAGE = "  # no % placeholders: psycopg would read them as its own
-            "'medlens: table ' || TG_TABLE_NAME || ' is append-only: ' || TG_OP || ' refused'; END $$"
-        )
-        triggers = {
-            f"{table}_no_update_delete": f"BEFORE UPDATE OR DELETE ON {table} FOR EACH ROW",
-            f"{table}_no_truncate": f"BEFORE TRUNCATE ON {table} FOR EACH STATEMENT",
-        }
-        for name, when in triggers.items():
-            exists = conn.execute(
-                sa.text("SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:table)"),
-                {"name": name, "table": table},
-            ).first()
-            if not exists:
-                conn.exec_driver_sql(f"CREATE TRIGGER {name} {when} EXECUTE FUNCTION medlens_refuse_change()")
-    else:
-        raise ConfigError(f"database '{conn.dialect.name}' is not supported for the audit trail",
-                          hint="use SQLite or PostgreSQL")
-
-
-def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...] = ()) -> None:
-    """Create ``tables`` (and their indexes and triggers) if missing; safe to run from many processes at once."""
-    with write_transaction(engine) as conn:
-        if conn.dialect.name == "postgresql":  # concurrent CREATE ... IF NOT EXISTS can still collide
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
-        for table in tables:
-            conn.execute(CreateTable(table, if_not_exists=True))
-            for index in table.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
-        for name in append_only:
-            create_append_only_triggers(conn, name)
-
 
 # -------------------------------------------------------------------------------------------------- schema
 
 metadata = sa.MetaData()
 
-_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: INTEGER PRIMARY KEY = the rowid
-
 audit_table = sa.Table(
     "audit",
     metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
     sa.Column("time", sa.String(40), nullable=False),  # UTC ISO 8601, microseconds: sorts as text
     sa.Column("request_id", sa.String(128), nullable=False, unique=True),
     sa.Column("user", sa.String(128)),  # API key name
@@ -185,6 +73,7 @@ audit_table = sa.Table(
     sa.Column("input_sha256", sa.String(64)),
     sa.Column("dicom", sa.Text),  # JSON: de-identified DICOM fields
     sa.Column("model_id", sa.String(256)),
+    sa.Column("policy_hash", sa.String(64)),  # the model card's operating-policy hash (NULL in rows before it)
     sa.Column("weights_sha256", sa.String(64)),
     sa.Column("output", sa.Text),  # JSON: the response body (for predictions: the prediction)
     sa.Column("latency_ms", sa.Float),
@@ -195,116 +84,7 @@ audit_table = sa.Table(
 
 COLUMNS: tuple[str, ...] = tuple(c.name for c in audit_table.columns)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-# -------------------------------------------------------------------------------------- de-identification
-
-HASH_PREFIX = "hmac-sha256:"
-_HASHED_VALUE = re.compile(re.escape(HASH_PREFIX) + r"[0-9a-f]{64}")
-
-# Identifiers: replaced by keyed pseudonyms (same value + same key = same pseudonym, so studies still link up).
-HASHED_FIELDS: tuple[str, ...] = (
-    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "IssuerOfPatientID",
-    "AccessionNumber", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyID",
-)
-# Technical fields with no patient in them: kept in clear (short values only).
-KEPT_FIELDS: tuple[str, ...] = (
-    "Modality", "BodyPartExamined", "ViewPosition", "Laterality", "ImageLaterality", "PatientSex",
-    "PhotometricInterpretation", "Rows", "Columns", "BitsStored", "NumberOfFrames", "SOPClassUID",
-    "TransferSyntaxUID", "Manufacturer", "ManufacturerModelName",
-    # medlens.data.dicom.read_dicom's technical metadata
-    "format", "shape", "bits", "photometric", "transfer_syntax", "transfer_syntax_name", "window", "voi", "frames",
-)
-# read_dicom's metadata names -> DICOM keywords
-ALIASES: dict[str, str] = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID", "modality": "Modality"}
-_MAX_KEPT_CHARS = 64
-
-
-def keyed_hash(field: str, value: str, key: bytes) -> str:
-    """``hmac-sha256:<hex>`` of a field's value; the field name is mixed in, so equal values in different
-    fields (SIIM files have PatientName == PatientID) do not get equal pseudonyms."""
-    digest = hmac.new(key, field.encode("utf-8") + b"\x00" + value.encode("utf-8"), hashlib.sha256).hexdigest()
-    return HASH_PREFIX + digest
-
-
-def dicom_fields(ds: Any) -> dict[str, Any]:
-    """The fields :func:`deidentify_dicom_fields` looks at, read from a pydicom ``Dataset``."""
-    out: dict[str, Any] = {}
-    for keyword in (*HASHED_FIELDS, *KEPT_FIELDS, "StudyDate", "PatientAge"):
-        if keyword[0].isupper() and keyword in ds:
-            out[keyword] = ds.get(keyword)
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is not None and "TransferSyntaxUID" in file_meta:
-        out["TransferSyntaxUID"] = str(file_meta.TransferSyntaxUID)
-    return out
-
-
-def deidentify_dicom_fields(meta: Mapping[str, Any] | Any, key: bytes) -> dict[str, Any]:
-    """De-identified DICOM fields, safe to store: nothing that names or dates the patient stays in clear.
-
-    ``meta`` maps DICOM keywords (``PatientName``, ``Modality``, ...) or read_dicom's names (``patient_id``,
-    ``study_uid``) to values; a pydicom ``Dataset`` works too. Identifiers (:data:`HASHED_FIELDS`) become
-    :func:`keyed_hash` pseudonyms, ``StudyDate`` becomes ``StudyYear``, ``PatientAge`` is kept below 90 years
-    (``090Y+`` above, as HIPAA's safe harbour asks), the technical :data:`KEPT_FIELDS` stay, and everything
-    else is dropped. Empty values are left out. Applying it twice gives the same result.
-    """
-    if not isinstance(key, bytes | bytearray) or len(key) < 16:
-        raise ValueError("the de-identification key must be at least 16 bytes")
-    if not isinstance(meta, Mapping):
-        meta = dicom_fields(meta)
-    out: dict[str, Any] = {}
-    for raw_name, value in meta.items():
-        name = ALIASES.get(raw_name, raw_name)
-        if name in HASHED_FIELDS:
-            text = _as_text(value)
-            if text:
-                out[name] = text if _HASHED_VALUE.fullmatch(text) else keyed_hash(name, text, bytes(key))
-        elif name == "StudyDate":
-            year = _as_text(value)[:4]
-            if re.fullmatch(r"\d{4}", year):
-                out["StudyYear"] = year
-        elif name == "StudyYear":
-            if re.fullmatch(r"\d{4}", _as_text(value)):
-                out["StudyYear"] = _as_text(value)
-        elif name == "PatientAge":
-            age = _age(_as_text(value))
-            if age:
-                out["PatientAge"] = age
-        elif name in KEPT_FIELDS:
-            plain = _plain(value)
-            if plain not in (None, "", []):
-                out[name] = plain
-    return dict(sorted(out.items()))
-
-
-def _as_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip()
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready copy of a kept value; long text is cut (a technical field holds no free text)."""
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _plain(value.item())
-    return str(value).strip()[:_MAX_KEPT_CHARS]
-
-
-def _age(text: str) -> str:
-    """A DICOM age string (``062Y``, ``003M``), with ages of 90 years and over pooled as ``090Y+``."""
-    match = re.fullmatch(r"(\d{1,3})\s*([DWMY]?)", text.upper())
-    if not match:
-        return ""
-    number, unit = int(match.group(1)), match.group(2) or "Y"
-    if unit == "Y" and number >= 90:
-        return "090Y+"
-    return f"{number:03d}{unit}"
+_POLICY_HASH = re.compile(r"[0-9a-f]{8,64}")
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -327,6 +107,7 @@ class AuditRecord:
     input_sha256: str | None
     dicom: dict[str, Any] | None
     model_id: str | None
+    policy_hash: str | None
     weights_sha256: str | None
     output: Any
     latency_ms: float | None
@@ -342,24 +123,6 @@ class AuditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def utc_iso(when: datetime | str | None = None) -> str:
-    """``when`` (default now) as UTC ISO 8601 with microseconds, the audit trail's sortable time format.
-
-    A naive datetime is taken as UTC; a string is parsed (``2024-05-01``, ``2024-05-01T12:00:00+02:00``, ...).
-    """
-    if when is None:
-        when = datetime.now(timezone.utc)
-    elif isinstance(when, str):
-        try:
-            when = datetime.fromisoformat(when.strip().replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ConfigError(f"'{when}' is not an ISO 8601 date or time",
-                              hint="e.g. 2024-05-01 or 2024-05-01T12:00:00+00:00") from exc
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _json(value: Any) -> str:
@@ -379,9 +142,10 @@ def _json(value: Any) -> str:
 class AuditLog:
     """The append-only audit trail in a SQLite or PostgreSQL database.
 
-    ``target`` is a database URL or an engine from :func:`create_engine` (share one engine with
-    :class:`medlens.service.auth.KeyStore`). ``hash_key`` keys the DICOM pseudonyms (the settings'
-    ``audit_key``); it is needed only to record DICOM fields. The schema is created if missing.
+    ``target`` is a database URL or an engine from :func:`medlens.service.db.create_engine` (share one engine
+    with :class:`medlens.service.auth.KeyStore`). ``hash_key`` keys the DICOM pseudonyms (the settings'
+    ``audit_key``); it is needed only to record DICOM fields. The schema is created if missing (and columns
+    added since the database was made are added).
     Thread-safe: every call uses its own pooled connection.
     """
 
@@ -419,6 +183,7 @@ class AuditLog:
         input_sha256: str | None = None,
         dicom: Mapping[str, Any] | None = None,
         model_id: str | None = None,
+        policy_hash: str | None = None,
         weights_sha256: str | None = None,
         output: Any = None,
         latency_ms: float | None = None,
@@ -435,6 +200,8 @@ class AuditLog:
         for name, digest in (("input_sha256", input_sha256), ("weights_sha256", weights_sha256)):
             if digest is not None and not _SHA256.fullmatch(digest):
                 raise ValueError(f"{name} must be 64 lower-case hex digits")
+        if policy_hash is not None and not _POLICY_HASH.fullmatch(policy_hash):
+            raise ValueError("policy_hash must be 8 to 64 lower-case hex digits (ModelCard.policy_hash)")
         dicom_json = None
         if dicom:
             if self.hash_key is None:
@@ -442,7 +209,7 @@ class AuditLog:
             dicom_json = _json(deidentify_dicom_fields(dicom, self.hash_key))
         return {
             "time": utc_iso(time), "request_id": request_id, "user": user, "role": role, "action": action,
-            "input_sha256": input_sha256, "dicom": dicom_json, "model_id": model_id,
+            "input_sha256": input_sha256, "dicom": dicom_json, "model_id": model_id, "policy_hash": policy_hash,
             "weights_sha256": weights_sha256, "output": None if output is None else _json(output),
             "latency_ms": None if latency_ms is None else float(latency_ms), "status": status, "error": error,
         }

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from medlens.errors import ConfigError
-from medlens.service.audit import create_tables, engine_for, utc_iso, write_transaction
+from medlens.service.db import ROW_ID, create_tables, engine_for, utc_iso, write_transaction
 
 ROLES: tuple[str, ...] = ("viewer", "clinician", "admin")  # in increasing order of rights
 KEY_PREFIX = "mlk_"
@@ -49,12 +49,10 @@ def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
 
 
-_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
 api_keys_table = sa.Table(
     "api_keys",
     sa.MetaData(),
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("id", ROW_ID, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(64), nullable=False, unique=True),
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
@@ -87,7 +85,7 @@ class KeyInfo:
 class KeyStore:
     """API keys in the ``api_keys`` table of a SQLite or PostgreSQL database (created if missing).
 
-    ``target`` is a database URL or an engine from :func:`medlens.service.audit.create_engine`; pass the
+    ``target`` is a database URL or an engine from :func:`medlens.service.db.create_engine`; pass the
     :class:`~medlens.service.audit.AuditLog`'s ``engine`` to keep keys and audit trail in one database.
     """
 

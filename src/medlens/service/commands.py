@@ -114,7 +114,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from medlens.service.audit import AuditLog, utc_iso
+    from medlens.service.audit import AuditLog
+    from medlens.service.db import utc_iso
 
     since = utc_iso(args.since) if args.since else None  # a bad time fails before the database is opened
     with AuditLog(resolve_database(args.db, must_exist=True)) as log:

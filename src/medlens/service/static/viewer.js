@@ -29,7 +29,7 @@ async function connect() {
   try {
     const models = await (await api("/v1/models")).json();
     const model = models.models[0];
-    $("model").textContent = `Model ${model.model_id} · threshold ${model.threshold.toFixed(3)} · ${model.class_names.join(" vs ")}`;
+    $("model").textContent = `Model ${model.model_id} · policy ${model.policy_hash} · threshold ${model.threshold.toFixed(3)} · ${model.class_names.join(" vs ")}`;
     const select = $("method");
     select.innerHTML = "";
     const names = { softmax: "single pass", mc: "MC dropout", tta: "test-time augmentation", ensemble: "deep ensemble" };
@@ -67,7 +67,7 @@ function showResult(p) {
   const decision = u.decision_entropy !== undefined ? `decision entropy ${u.decision_entropy.toFixed(4)}, ` : "";
   $("uncertainty").textContent = `${decision}predictive entropy ${u.predictive_entropy.toFixed(4)} nats, ` +
     `mutual information ${u.mutual_information.toFixed(4)}, ${u.passes} pass(es)`;
-  $("model-id").textContent = p.model_id;
+  $("model-id").textContent = p.policy_hash ? `${p.model_id} (policy ${p.policy_hash})` : p.model_id;
   $("prediction-id").textContent = p.id;
   $("gauge-fill").style.width = `${(100 * p.probability).toFixed(1)}%`;
   $("gauge-threshold").style.left = `${(100 * p.threshold).toFixed(1)}%`;
