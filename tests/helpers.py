@@ -58,13 +58,17 @@ def require_module(name: str, *, extra: str = "dev") -> ModuleType:
         raise  # not reached: _missing raises
 
 
+def require_path(path: Path, what: str) -> Path:
+    """``path``, which must exist: a failure under CI, a skip elsewhere."""
+    if not Path(path).exists():
+        _missing(f"{path} is missing ({what})")
+    return Path(path)
+
+
 def require_shared(sub: str = "") -> Path:
     """The shared data folder (or a part of it). Missing data fails under CI and skips elsewhere."""
-    path = SHARED / sub
-    if not path.exists():
-        _missing(f"{path} is missing: the real data must sit beside the checkout as ../shared/data "
-                 "(or set MEDLENS_SHARED_DATA)")
-    return path
+    return require_path(SHARED / sub, "the real data must sit beside the checkout as ../shared/data, or set "
+                                      "MEDLENS_SHARED_DATA")
 
 
 def link_subset(src: Path, dst: Path, per_class: dict[str, int]) -> Path:

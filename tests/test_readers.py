@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from helpers import require_module, require_shared
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -17,14 +17,6 @@ from pydicom.sequence import Sequence
 from medlens.data.readers import HAS_NIBABEL, IMAGE_SUFFIXES, is_image_file, read_image
 from medlens.errors import DataError
 
-
-def _shared_dir() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    env = os.environ.get("MEDLENS_SHARED_DATA")
-    return default if default.is_dir() or not env else Path(env)
-
-
-SHARED = _shared_dir()
 SIIM = "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 KERMANY_JPEG = "chest_xray/train/NORMAL/IM-0115-0001.jpeg"
 
@@ -32,11 +24,7 @@ KERMANY_JPEG = "chest_xray/train/NORMAL/IM-0115-0001.jpeg"
 @pytest.fixture(scope="module")
 def shared() -> Path:
     """The real-data folder; its absence fails CI loudly and skips elsewhere."""
-    if not SHARED.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"shared data folder {SHARED} is missing (set MEDLENS_SHARED_DATA)")
-        pytest.skip(f"shared data folder {SHARED} not present")
-    return SHARED
+    return require_shared()
 
 
 def _check_image(image: np.ndarray, shape: tuple[int, int]) -> None:
@@ -176,7 +164,7 @@ def test_dicom_without_suffix_is_detected_and_read(shared, tmp_path):
 
 
 def test_missing_decoder_names_the_transfer_syntax_and_the_package(shared, monkeypatch):
-    decoders = pytest.importorskip("pydicom.pixels")
+    decoders = require_module("pydicom.pixels")  # pydicom 3 (a declared dependency): never skipped in CI
     decoder = decoders.get_decoder("1.2.840.10008.1.2.4.91")
     monkeypatch.setattr(decoder, "_available", {})  # as if pylibjpeg/openjpeg and Pillow's J2K were absent
     with pytest.raises(DataError) as err:
@@ -256,9 +244,9 @@ def test_16bit_is_scaled_by_bit_depth_not_by_its_own_max(tmp_path):
     assert image.max() == pytest.approx(4000 / 65535)
 
 
-@pytest.mark.skipif(not HAS_NIBABEL, reason="nibabel not installed")
 def test_nifti_middle_slice(tmp_path):
-    import nibabel as nib
+    nib = require_module("nibabel", extra="nifti")  # in the nifti and dev extras: CI has it
+    assert HAS_NIBABEL
 
     volume = np.random.default_rng(0).random((20, 30, 9)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")

@@ -12,9 +12,9 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from medlens.service.audit import AuditRecord
+from medlens.uncertainty import UNCERTAINTY_METHODS
 
-UNCERTAINTY_METHODS = ("softmax", "mc", "tta", "ensemble")
-UncertaintyMethod = Literal["softmax", "mc", "tta", "ensemble"]
+UncertaintyMethod = Literal[UNCERTAINTY_METHODS]  # the one list of method names (medlens.uncertainty)
 PredictionId = Annotated[str, PathParam(max_length=128, description="the prediction id (a UUID)")]
 
 

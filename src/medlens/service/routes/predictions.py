@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 import medlens
+from medlens.forward import is_positive, shown_class
 from medlens.models.card import jsonable, normalize_batch
 from medlens.service.auth import Identity
 from medlens.service.context import API_PREFIX, ApiError, RequestContext, printable, request_context
@@ -121,8 +122,8 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
     """The response body of a prediction (plus ``_target``, the class shown, for the heat map)."""
     card = st.card
     probability = float(result["probability"])
-    positive = probability >= card.threshold
-    target = card.positive_class if positive else 1 - card.positive_class
+    positive = bool(is_positive(probability, card.threshold))
+    target = int(shown_class(probability, card.threshold, card.positive_class))
     refer = result.get("refer")
     refer = None if refer is None or int(refer) < 0 else bool(refer)
     dicom = None
