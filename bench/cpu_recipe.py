@@ -59,6 +59,8 @@ def main(argv=None) -> int:
         "benchmark": "cpu_recipe", "written_by": "bench/cpu_recipe.py", "recipe": args.recipe, "overrides": args.set, "data": args.data,
         "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(), "wall_seconds": round(wall, 1),
+        # other load on the machine while this ran (a 2-core machine shared with anything else is slower)
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "train_seconds": round(t_train, 1), "best_epoch": card["epoch"],
         "val_auc": card["metrics"]["val"]["auc"], "threshold": card["threshold"],
         "threshold_policy": card["threshold_policy"],

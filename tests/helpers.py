@@ -1,11 +1,18 @@
 """Helpers shared by the test files (import with ``from helpers import ...``; tests/ is on sys.path).
 
-* CI rules: :func:`in_ci`, :func:`require_module` (a declared dependency that is missing fails under CI instead of
-  skipping) and :func:`require_shared` (the real data in ../shared/data: missing fails under CI).
-* Tiny runs: :data:`FAST` (the CLI options of a seconds-long CPU training), :func:`link_subset` (an image folder of
-  symlinks into the shared Kermany data), :func:`train` (``medlens train`` that must succeed), :func:`read_card`,
-  :func:`copy_run` (a private copy of a shared run, for tests that write into it) and :func:`built_once` (build a
+* CI rules: :func:`in_ci`; :func:`require_module` (``pytest.importorskip`` for a declared dependency: missing fails
+  under CI instead of skipping); :func:`require_shared` / :func:`require_path` (the real data in ../shared/data:
+  missing fails under CI, skips elsewhere).
+* Tiny runs: :data:`FAST` (the CLI options of a seconds-long CPU training), :data:`TINY_COUNTS`,
+  :func:`link_subset` (an image folder of symlinks into the shared Kermany data), :func:`train` (``medlens train``
+  that must succeed; returns the card), :func:`read_card`, :func:`copy_run` (a private copy of a shared run, for a
+  test that writes into it), :func:`env` (environment variables for a block) and :func:`built_once` (build a
   folder once per test session, shared by every xdist worker).
+* What a run chose, recomputed independently: :func:`validation_halves` (the selection and held-apart
+  calibration halves of its validation split, with labels and calibrated probabilities),
+  :func:`decision_entropy` (the referral measure, written out) and :func:`assert_refers_share` (a referral
+  threshold is the coverage quantile of the values).
+* :func:`blobs`: the synthetic task whose correct explanation is known (test_explain, test_trust).
 
 The session fixtures built from them (``cxr_tiny``, ``tiny_run``, ``tiny_ensemble_run``, ``medlens_cache``) are
 in conftest.py.
@@ -42,9 +49,10 @@ def in_ci() -> bool:
 
 
 def _missing(reason: str) -> None:
+    """Fail under CI, skip elsewhere (also at module level, as ``pytest.importorskip`` does)."""
     if in_ci():
         pytest.fail(f"{reason} (CI=true: the CI job must provide it, so this is a failure, not a skip)")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require_module(name: str, *, extra: str = "dev") -> ModuleType:

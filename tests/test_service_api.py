@@ -24,10 +24,11 @@ import pydicom
 import pytest
 import torch
 from conftest import require_shared
+from helpers import require_module
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-schemathesis = pytest.importorskip("schemathesis")
+require_module("fastapi")
+require_module("httpx")
+schemathesis = require_module("schemathesis")
 
 with warnings.catch_warnings():  # starlette's TestClient asks for httpx2 instead of httpx: not a test concern
     warnings.simplefilter("ignore")

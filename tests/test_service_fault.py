@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import require_module
 from test_cli import FAST, _link_subset
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+require_module("fastapi")
+require_module("uvicorn")
+httpx = require_module("httpx")
 
 from medlens.cli import main  # noqa: E402
 from medlens.service.audit import AuditLog  # noqa: E402

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import require_module
 from test_cli import FAST, _link_subset
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+require_module("fastapi")
+uvicorn = require_module("uvicorn")
+httpx = require_module("httpx")
 
 from medlens.cli import main  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402

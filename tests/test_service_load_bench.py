@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import require_module
 
-pytest.importorskip("httpx")
-pytest.importorskip("prometheus_client")
+require_module("httpx")
+require_module("prometheus_client")
 
 from medlens.service.audit import AuditLog  # noqa: E402
 from medlens.service.settings import database_url  # noqa: E402

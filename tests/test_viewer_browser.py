@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import require_module
 from test_cli import FAST, _link_subset
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-playwright_api = pytest.importorskip("playwright.sync_api")
+require_module("fastapi")
+uvicorn = require_module("uvicorn")
+playwright_api = require_module("playwright.sync_api")
 
 from medlens.cli import main  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
