@@ -10,7 +10,8 @@ could use too. Two triples are measured: ``fp32`` (fp32, contiguous NCHW) and ``
 autocast, channels-last model and input: what medlens trains with on a GPU). On the CPU medlens trains in fp32
 (bf16 autocast is slower there for convolutions), so only the fp32 triple is run and the JSON says why.
 
-Prints images/s of each, the ratios per triple, and writes bench/results/train_speed-<device>.json.
+Prints images/s of each, the ratios per triple, and writes
+bench/results/train_speed-<device type>-<device name>.json (or ``--out``).
 """
 
 from __future__ import annotations

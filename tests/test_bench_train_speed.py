@@ -20,6 +20,12 @@ def _load():
     return module
 
 
+def _multichannel_conv(model: torch.nn.Module) -> torch.nn.Module:
+    """The first convolution with more than one input channel (a 1-channel tensor is both contiguous and
+    channels-last, so only such a layer's input shows the memory format)."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+
+
 def test_train_speed_runs_on_cpu_with_equal_settings(kermany, tmp_path, monkeypatch):
     bench = _load()
     seen: list[tuple[bool, bool]] = []  # (autocast on, channels-last input) at every forward, in order
@@ -29,11 +35,10 @@ def test_train_speed_runs_on_cpu_with_equal_settings(kermany, tmp_path, monkeypa
         model = make(*args, **kw)
 
         def hook(_module, inputs):
-            x = inputs[0]
+            x = inputs[0]  # the input of a conv with several input channels: its memory format is telling
             seen.append((torch.is_autocast_enabled(x.device.type),
-                         x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-                         and not x.is_contiguous()))
-        model.register_forward_pre_hook(hook)
+                         x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+        _multichannel_conv(model).register_forward_pre_hook(hook)
         return model
 
     monkeypatch.setattr(bench, "create_model", recording_model)
@@ -61,8 +66,9 @@ def test_bf16_triple_puts_the_peer_in_bf16_and_channels_last(kermany, tmp_path):
 
     def recording_model(*args, **kw):
         model = make(*args, **kw)
-        model.register_forward_pre_hook(lambda _m, inputs: seen.append(
-            (torch.is_autocast_enabled("cpu"), inputs[0].is_contiguous(memory_format=torch.channels_last))))
+        _multichannel_conv(model).register_forward_pre_hook(lambda _m, inputs: seen.append(
+            (torch.is_autocast_enabled("cpu"),
+             inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous())))
         return model
 
     bench.create_model = recording_model

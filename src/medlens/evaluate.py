@@ -93,7 +93,7 @@ def _append_trace(run_dir: Path, card: ModelCard, split: str, data, fingerprint:
                   y: np.ndarray, metrics: dict) -> None:
     """One line in ``RUN/evaluations.jsonl`` (append-only; see ``medlens.rundir``): which weights, under which
     operating policy, looked at which data, and what they scored there."""
-    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest = hashlib.sha256(memoryview(images.contiguous().numpy()))  # hashed in place, no copy
     digest.update(np.asarray(y, dtype=np.int64).tobytes())
     rundir.append_evaluation(run_dir, {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "split": split, "data": str(data),
@@ -192,12 +192,12 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "probability", "predicted", *[f"uncertainty_{m}" for m in columns],
-                         *(["refer"] if refer_t is not None and "softmax" in columns else [])])
+                         *(["refer"] if refer_t is not None and "softmax" in columns else []), "policy_hash"])
         for j, path in enumerate(paths):
             row = [path, int(y[j]), f"{prob[j]:.6f}", int(pred[j]), *[f"{c['uncertainty'][j]:.6f}" for c in columns.values()]]
             if refer_t is not None and "softmax" in columns:
                 row.append(int(columns["softmax"]["uncertainty"][j] > refer_t))
-            writer.writerow(row)
+            writer.writerow([*row, card.policy_hash])
     raw = probabilities(logits, 1.0)[:, card.positive_class] if card.temperature != 1.0 else None
     write_report(out, metrics=metrics, y_true=y, y_prob=prob, threshold=threshold, class_names=card.class_names,
                  errors_gallery=gallery, subgroups=subgroups, summary=summary,

@@ -7,11 +7,16 @@ benchmarks) asks this module for paths instead of spelling file names, so the la
     RUN/split.json           patient ids per split and the split hash
     RUN/metrics.jsonl        one line per training epoch
     RUN/train.log            the training log
+    RUN/skipped.txt          files training could not read, with the reason
+    RUN/val_predictions.csv  the validation split's calibrated probabilities (with the policy hash)
     RUN/model.safetensors    the chosen weights (+ model.card.json, the self-describing model card)
     RUN/last.ckpt            the resume checkpoint (``medlens train --resume``)
     RUN/members/K/           ensemble members, each a complete run
     RUN/eval/SPLIT/          metrics.json, predictions.csv, report.html of ``medlens evaluate``
     RUN/evaluations.jsonl    append-only: one line per ``medlens evaluate``, never rewritten or deleted
+    RUN/audit.db             the service's audit trail (SQLite default; ``medlens.service.settings``)
+
+The card and weights file names (``model.card.json``, ``model.safetensors``) belong to ``medlens.models.card``.
 
 ``evaluations.jsonl`` is the trace that lets a reader see how often, and under which operating policy, a
 split (above all the test split) was looked at: ``recalibrate`` reads it and never touches it.
@@ -31,6 +36,9 @@ SPLIT = "split.json"
 EPOCH_METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
 RESUME = "last.ckpt"
+SKIPPED = "skipped.txt"
+VAL_PREDICTIONS = "val_predictions.csv"
+AUDIT_DB = "audit.db"
 MEMBERS = "members"
 EVAL = "eval"
 EVALUATIONS = "evaluations.jsonl"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +44,7 @@ from medlens.forward import autocast, predict_logits, probabilities, resolve_dev
 from medlens.losses import make_loss
 from medlens.metrics import binary_metrics, choose_threshold, expected_calibration_error
 from medlens.models import create_model
-from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint, update_card
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
 from medlens.models.ensemble import ENSEMBLE, Ensemble, ensemble_spec
 from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
 
@@ -134,6 +136,14 @@ def _selection_and_calibration(cfg: Config, y_val: np.ndarray, patients: list[st
     return np.sort(select), np.sort(calib)
 
 
+def _calibration_patients_hash(d: _Data) -> str:
+    """sha256 of the sorted patient ids of the held-apart calibration half: recalibrate checks that it refits on
+    the same patients (a changed carve would let the "held-apart" half overlap the selection half)."""
+    keep = d.loaded["val"].keep
+    patients = sorted({str(d.table.patient_ids[keep[i]]) for i in d.calib})
+    return hashlib.sha256("\x1f".join(patients).encode()).hexdigest()
+
+
 def _fit_calibration(logits: torch.Tensor, y: np.ndarray, calib: np.ndarray, cfg: Config) -> tuple[float, dict]:
     if len(calib) == 0:
         return 1.0, {"temperature": 1.0, "n": 0, "note": "no held-apart calibration data"}
@@ -198,10 +208,10 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     rundir.split_path(run_dir).write_text(json.dumps(manifest, indent=1))
     skipped = [s for part in loaded.values() for s in part.skipped]
     if skipped:
-        (run_dir / "skipped.txt").write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
+        (run_dir / rundir.SKIPPED).write_text("".join(f"{p}\t{why}\n" for p, why in skipped))
         names = "; ".join(f"{p} ({why})" for p, why in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         log.warning("skipped %d unreadable image(s): %s. Full list: %s (use --strict to stop instead)",
-                    len(skipped), names, run_dir / "skipped.txt")
+                    len(skipped), names, run_dir / rundir.SKIPPED)
 
     y_val = table.labels[loaded["val"].keep]
     select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
@@ -384,7 +394,7 @@ def refer_policy(model: torch.nn.Module, images: torch.Tensor, card: ModelCard, 
 
 
 def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config, d: _Data, run_dir: Path,
-              device: torch.device) -> ModelCard:
+              device: torch.device, before_save: Callable[[ModelCard], None] | None = None) -> ModelCard:
     """Calibrate, choose the operating point and the referral policy, write the checkpoint and its card.
 
     The temperature and the referral thresholds are fitted on the calibration half of validation (data the
@@ -394,6 +404,7 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
     logits_val = predict_logits(model, d.x_val, intensity=card.intensity, device=device,
                                 batch_size=tc.eval_batch_size, amp=tc.amp)
     card.temperature, calibration = _fit_calibration(logits_val, y_val, calib, cfg)
+    calibration["patients_sha256"] = _calibration_patients_hash(d)
     p_val = probabilities(logits_val, card.temperature)[:, 1]
     threshold = choose_threshold(y_val[select], p_val[select], policy=cfg.eval.threshold_policy,
                                  target=cfg.eval.target_sensitivity)
@@ -413,13 +424,16 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
         card.metrics["ensemble"] = {"members": len(state["member_epochs"]), "member_epochs": state["member_epochs"]}
     card.epoch = state["best_epoch"]
     card.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if before_save is not None:  # e.g. recalibrate's policy-change record: written with the policy, in one file
+        before_save(card)
     model.cpu()
     save_checkpoint(model, card, run_dir)
     table, keep = d.table, d.loaded["val"].keep
-    with (run_dir / "val_predictions.csv").open("w", newline="") as f:
+    with (run_dir / rundir.VAL_PREDICTIONS).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "probability"])
-        writer.writerows([table.items[i], int(y), f"{p:.6f}"] for i, y, p in zip(keep, y_val, p_val, strict=True))
+        writer.writerow(["path", "label", "probability", "policy_hash"])
+        writer.writerows([table.items[i], int(y), f"{p:.6f}", card.policy_hash]
+                         for i, y, p in zip(keep, y_val, p_val, strict=True))
     log.info("best epoch %d, val AUC %.4f, threshold %.4f (%s)", card.epoch,
              card.metrics["val"].get("auc", float("nan")), threshold, card.threshold_policy)
     return card
@@ -434,7 +448,10 @@ def _splits_evaluated(run_dir: Path, card: ModelCard) -> dict[str, int]:
     for e in read_evaluations(run_dir):
         if e.get("weights_sha256") in (None, card.weights_sha256):
             counts[e["split"]] = counts.get(e["split"], 0) + 1
-    for split in card.evaluations:
+    # older evidence of a look: the card's latest evaluations, earlier recalibrations, an eval/ folder
+    earlier = {s for c in card.policy_changes for s in c.get("evaluations_before", {})}
+    written = {p.parent.name for p in (Path(run_dir) / rundir.EVAL).glob("*/metrics.json")}
+    for split in set(card.evaluations) | earlier | written:
         counts.setdefault(split, 1)
     return counts
 
@@ -469,6 +486,14 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
     d = _Data(table=table, loaded=loaded, x_train=torch.empty(0), y_train=torch.empty(0), x_val=loaded["val"].images,
               y_val=y_val, select=select, calib=calib, counts=torch.zeros(0))
+    expected = old.metrics.get("calibration", {}).get("patients_sha256")
+    if expected and expected != _calibration_patients_hash(d):
+        raise DataError(f"{run_dir}: the held-apart calibration half made now has other patients than the one this "
+                        "run was calibrated on (made by another medlens version?)",
+                        hint="retrain the run; refitting on other patients could reuse the selection half")
+    if not expected:
+        log.warning("%s: the card does not record its calibration patients (an older run): cannot check that the "
+                    "held-apart half is the same", run_dir)
     state = {"best_epoch": old.epoch}
     if "ensemble" in old.metrics:
         state["member_epochs"] = old.metrics["ensemble"]["member_epochs"]
@@ -481,16 +506,22 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     try:
         log.info("recalibrating %s on its validation split", run_dir)
         looked = _splits_evaluated(run_dir, old)
-        if "test" in looked:
-            log.warning("%s: the test split was already evaluated %d time(s) under policy %s; the new policy is "
-                        "recorded as changed after a test look (evaluations.jsonl keeps every evaluation)",
-                        run_dir, looked["test"], old.policy_hash)
-        card = _finalise(model, card, state, cfg, d, run_dir, device)
-        change = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": "medlens recalibrate",
-                  "old_policy_hash": old.policy_hash, "new_policy_hash": card.compute_policy_hash(),
-                  "overrides": list(overrides or []), "evaluations_before": looked,
-                  "after_test_look": "test" in looked}
-        card = update_card(run_dir, lambda c: setattr(c, "policy_changes", [*old.policy_changes, change]))
+
+        def record_change(new: ModelCard) -> None:
+            new_hash = new.compute_policy_hash()
+            changed = new_hash != old.policy_hash
+            new.policy_changes = [*old.policy_changes, {
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": "medlens recalibrate",
+                "old_policy_hash": old.policy_hash, "new_policy_hash": new_hash, "changed": changed,
+                "overrides": list(overrides or []), "evaluations_before": looked,
+                "after_test_look": changed and "test" in looked}]
+            if "test" in looked:
+                log.warning("%s: the test split was already evaluated %d time(s) under policy %s; %s "
+                            "(evaluations.jsonl keeps every evaluation)", run_dir, looked["test"], old.policy_hash,
+                            f"the new policy {new_hash} is recorded as changed after a test look" if changed
+                            else "the policy is unchanged")
+
+        card = _finalise(model, card, state, cfg, d, run_dir, device, before_save=record_change)
         cfg.save(rundir.config_path(run_dir))  # only once the new card is written
         return card
     finally:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medlens import rundir
 from medlens.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "MEDLENS_"
 SETTINGS_ENV = "MEDLENS_SETTINGS"
 KEY_FILE_NAME = "audit.key"
-DB_FILE_NAME = "audit.db"
+DB_FILE_NAME = rundir.AUDIT_DB
 MIN_KEY_CHARS = 16
 
 
