@@ -49,7 +49,8 @@ cores a second busy process changes the numbers several-fold.
 Writes ``bench/results/load_service-cpu.json`` (``--result`` to change) and prints a table. The JSON is the
 whole record: it names the script and command that wrote it, the commit, the machine, every run, the
 summary and the README figure (``readme``), so no result file is edited by hand. Exit code 0 if every run had
-no 5xx, no transport error, a reconciled audit trail and a clean server stop; 1 otherwise.
+no 5xx, no transport error, a reconciled audit trail, a clean server stop and at least one 200 answer in its
+measured window (:func:`run_failures`); 1 otherwise.
 """
 
 from __future__ import annotations
@@ -462,16 +463,7 @@ def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, upl
             "clients_share_of_cores": round(client_cpu / (wall * cores), 3),
             "server_share_of_cores": None if server_cpu is None else round(server_cpu / (wall * cores), 3),
         }
-    failures = []
-    if server_errors:
-        failures.append(f"{server_errors} responses 5xx")
-    if transport:
-        failures.append(f"{sum(transport.values())} transport errors {dict(transport)}")
-    if not audit["ok"]:
-        failures.append("the audit trail does not reconcile with the answers")
-    if not stop["clean"]:
-        failures.append("the server did not stop cleanly")
-    return {
+    run = {
         "order": order,
         "round": round_no,
         "mode": mode,
@@ -492,9 +484,29 @@ def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, upl
         "load_average_before": [round(x, 2) for x in load_before],
         "server_startup": startup_line(server.log_path),
         "server_stop": stop,
-        "failures": failures,
-        "passed": not failures,
     }
+    run["failures"] = run_failures(run)
+    run["passed"] = not run["failures"]
+    return run
+
+
+def run_failures(run: dict[str, Any]) -> list[str]:
+    """Why one run (as :func:`run_once` records it) fails; empty when it passes. Any 5xx answer, any request
+    without an HTTP answer (a transport error: refused, reset, timed out), an audit trail that does not
+    reconcile with the answers, a server that did not stop cleanly, or no 200 answer in the measured window
+    (nothing was measured: a wrong key, a rate limit, a server that refuses everything)."""
+    failures = []
+    if run["responses_5xx"]:
+        failures.append(f"{run['responses_5xx']} responses 5xx")
+    if run["transport_errors"]:
+        failures.append(f"{run['transport_errors']} transport errors {run['transport_errors_by_type']}")
+    if not run["audit"]["ok"]:
+        failures.append("the audit trail does not reconcile with the answers")
+    if not run["server_stop"]["clean"]:
+        failures.append("the server did not stop cleanly")
+    if not run["requests_in_window_ok"]:
+        failures.append(f"no 200 answer in the measured window (answers by status: {run['responses_by_status']})")
+    return failures
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -539,17 +551,24 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
 
 
 def readme_figure(result: dict[str, Any]) -> str | None:
-    """The README's table row for this result, built from the JSON only (copy it; never type figures in)."""
+    """The README's table row for this result, built from the JSON only (copy it; never type figures in); None
+    when a mode is missing or lacks a figure (e.g. it had no 200 answer, so no latency and no ratio)."""
     summary = result["summary"]
     b, nb = summary.get("batching"), summary.get("no-batching")
     if not b or not nb:
+        return None
+    ratio = summary.get("throughput_ratio_batching_over_no_batching") or {}
+    figures = [m[k][s] for m in (b, nb) for k in ("throughput_rps", "latency_p50_ms", "latency_p99_ms")
+               for s in ("mean", "min", "max")]
+    figures += [ratio.get("of_means"), (ratio.get("per_round") or {}).get("min"),
+                (ratio.get("per_round") or {}).get("max")]
+    if any(v is None for v in figures) or not b["throughput_rps"]["mean"] or not nb["throughput_rps"]["mean"]:
         return None
 
     def rps(m: dict[str, Any]) -> str:
         t = m["throughput_rps"]
         return f"{t['mean']:.1f} req/s (runs {t['min']:.1f}-{t['max']:.1f})"
 
-    ratio = summary["throughput_ratio_batching_over_no_batching"]
     per_round = ratio["per_round"]
     errors_5xx = b["responses_5xx"] + nb["responses_5xx"]
     other = b["non_200_answers"] + nb["non_200_answers"] - errors_5xx
@@ -703,9 +722,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summarise(runs, modes),
     }
-    result["readme"] = readme_figure(result)
     result["failures"] = [f"run {r['order']} ({r['mode']}): {f}" for r in runs for f in r["failures"]]
     result["passed"] = not result["failures"]
+    try:  # a failed run (e.g. no 200 answers in a mode) has missing figures: record it, never lose the JSON
+        result["readme"] = readme_figure(result) if result["passed"] else None
+    except (TypeError, KeyError) as exc:
+        result["readme"] = None
+        result["failures"].append(f"no README row: {exc}")
+        result["passed"] = False
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

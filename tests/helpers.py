@@ -13,6 +13,8 @@
   :func:`decision_entropy` (the referral measure, written out) and :func:`assert_refers_share` (a referral
   threshold is the coverage quantile of the values).
 * :func:`blobs`: the synthetic task whose correct explanation is known (test_explain, test_trust).
+* Servers on loopback: :func:`free_port` and :func:`serve_in_thread` (an app on a real uvicorn server in a
+  thread, for a block; yields its base URL).
 
 The session fixtures built from them (``cxr_tiny``, ``tiny_run``, ``tiny_ensemble_run``, ``medlens_cache``) are
 in conftest.py.
@@ -228,3 +230,50 @@ def blobs(n: int, seed: int, size: int = 64, amplitude: float = 2.5):
     blob = torch.exp(-((yy - cy.view(-1, 1, 1)) ** 2 + (xx - cx.view(-1, 1, 1)) ** 2) / (2 * 3.0**2))
     x[:, 0] += amplitude * labels.view(-1, 1, 1) * blob
     return x, labels, quadrant
+
+
+# ------------------------------------------------------------------ servers on loopback
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free when probed (another process may still take it before a server
+    binds it: retry on a failed bind where that matters)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app_or_config, *, start_timeout_s: float = 120.0, stop_timeout_s: float = 30.0):
+    """An ASGI app (or a ready ``uvicorn.Config``) on a real uvicorn server in a daemon thread of this process,
+    for the block; yields the base URL (``http://127.0.0.1:PORT``). An app is served on 127.0.0.1 on a port the
+    system picks when it binds (no probe-then-bind race). The block's end stops the server gracefully (lifespan
+    shutdown runs); a server that does not start within ``start_timeout_s`` or stop within ``stop_timeout_s``
+    fails the test."""
+    import threading
+    import time
+
+    import uvicorn
+
+    config = app_or_config if isinstance(app_or_config, uvicorn.Config) else uvicorn.Config(
+        app_or_config, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            thread.join(timeout=stop_timeout_s)
+            pytest.fail(f"the uvicorn server did not start within {start_timeout_s:.0f} s"
+                        if thread.is_alive() else "the uvicorn server exited before it started (see its log)")
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]  # the port bound (config.port may be 0)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=stop_timeout_s)
+        assert not thread.is_alive(), f"the uvicorn server did not stop within {stop_timeout_s:.0f} s"

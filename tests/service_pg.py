@@ -18,7 +18,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -27,18 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import _missing, free_port
 
 PG_USER = "medlens"
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def _missing(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: .ci/run should have installed PostgreSQL)")
-    pytest.skip(reason)
 
 
 def find_pg_bin() -> Path | None:
@@ -55,12 +45,6 @@ def find_pg_bin() -> Path | None:
     if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
         return Path(initdb).parent
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:
@@ -86,7 +70,7 @@ class PgServer:
 
     def start(self, attempts: int = 3) -> None:
         for _ in range(attempts):  # a free port can be taken between the probe and the bind: try another
-            self.port = _free_port()
+            self.port = free_port()
             options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
                        "-c max_connections=60")
             out = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w",

@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import torch
 from conftest import require_shared
-from helpers import require_module
+from helpers import copy_run, require_module
 
 require_module("fastapi")
 require_module("httpx")
@@ -38,9 +38,8 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
-from test_cli import FAST, _link_subset  # noqa: E402
 
-from medlens.cli import build_parser, main  # noqa: E402
+from medlens.cli import build_parser  # noqa: E402
 from medlens.models.card import ModelCard  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
 from medlens.service.auth import KeyStore  # noqa: E402
@@ -57,15 +56,9 @@ UPLOAD_LIMIT = 1024 * 1024  # bytes: small, so the 413 test sends little
 
 
 @pytest.fixture(scope="module")
-def run_dir(kermany, tmp_path_factory, tensor_cache_dir) -> Path:
-    """A tiny model really trained on Kermany images (seconds on 2 cores)."""
-    root = tmp_path_factory.mktemp("api-cxr")
-    _link_subset(kermany, root, {"train": 30, "test": 2})
-    run = tmp_path_factory.mktemp("api-run") / "r"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
-        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
-    return run
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """This module's own copy of the session's tiny Kermany run (the service may write beside it)."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("api-run") / "r")
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +139,16 @@ def test_predict_png_and_jpeg_then_read_back_and_heatmap(client, state, keys, ke
         card = state.card
         assert p["label"] == card.class_names[card.positive_class if p["probability"] >= card.threshold
                                               else 1 - card.positive_class]
+        assert p["positive"] == (p["probability"] >= card.threshold) == (p["positive_class"] == p["label"])
         assert p["threshold"] == pytest.approx(card.threshold, abs=1e-6)
         assert p["uncertainty"]["method"] == "softmax" and p["uncertainty"]["passes"] == 1
-        # refer is the card's policy: decision entropy above the threshold chosen on held-apart validation
+        # refer is the card's policy: decision entropy above the threshold chosen on held-apart validation (the
+        # calibration half of tiny_run's validation split, which also fitted the temperature)
+        calibration = card.metrics["calibration"]
+        assert card.refer["n"] == calibration["n"] >= 20 and "held-apart" in card.refer["data"]
+        assert card.temperature == pytest.approx(calibration["temperature"]) and card.temperature != 1.0
         assert p["refer"] == (p["uncertainty"]["decision_entropy"] > card.refer["thresholds"]["softmax"])
+        assert f"of {calibration['n']} held-apart validation images" in p["refer_reason"]
         assert p["model_id"] == card.model_id and p["weights_sha256"] == card.weights_sha256 and p["version"]
         assert p["input"]["format"] == fmt and p["input"]["sha256"] == hashlib.sha256(data).hexdigest()
         row = _row(state, r)  # acknowledged = audited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,9 +22,10 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from conftest import require_shared
+from sqlalchemy import event
 
 from medlens.errors import ConfigError
-from medlens.service.audit import COLUMNS, AuditLog, DuplicateRequestError, audit_table
+from medlens.service.audit import COLUMNS, AuditLog, AuditRecord, DuplicateRequestError, audit_table
 from medlens.service.db import create_engine, create_tables, utc_iso, write_transaction
 from medlens.service.deid import deidentify_dicom_fields, dicom_fields, keyed_hash
 from medlens.service.settings import ServiceSettings, load_or_create_key, read_settings_file
@@ -138,28 +141,132 @@ def test_schema_creation_is_idempotent(db_url):
         log.close()
 
 
-def test_a_database_from_before_policy_hash_gets_the_column(db_url):
-    """An audit database made before the policy_hash column: opening it adds the column (old rows read NULL),
-    new rows carry the hash, the append-only triggers stay, and the CSV export has the column."""
+def _table_before_policy_hash() -> sa.Table:
+    """The audit table as the release before the policy_hash column created it."""
     columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, unique=c.unique,
                          autoincrement=c.autoincrement) for c in audit_table.columns if c.name != "policy_hash"]
-    old = sa.Table("audit", sa.MetaData(), *columns, sa.Index("ix_audit_time", "time"))
-    engine = create_engine(db_url)
-    create_tables(engine, old, append_only=("audit",))  # what the previous version created
+    return sa.Table("audit", sa.MetaData(), *columns, sa.Index("ix_audit_time", "time"))
+
+
+def _old_database(engine) -> sa.Table:
+    """``engine``'s database as the previous version left it: its audit table, with one row."""
+    old = _table_before_policy_hash()
+    create_tables(engine, old, append_only=("audit",))
     with write_transaction(engine) as conn:
         conn.execute(old.insert().values(time=utc_iso(), request_id="before", action="predict", status=200,
                                          model_id="cxr-resnet18"))
-    assert "policy_hash" not in {c["name"] for c in sa.inspect(engine).get_columns("audit")}
-    log = AuditLog(engine)
-    assert "policy_hash" in {c["name"] for c in sa.inspect(engine).get_columns("audit")}
+    assert "policy_hash" not in _physical_columns(engine)
+    return old
+
+
+def _physical_columns(engine) -> list[str]:
+    return [c["name"] for c in sa.inspect(engine).get_columns("audit")]
+
+
+@contextmanager
+def _statements(engine):
+    """The SQL statements ``engine`` runs during the block (a list, filled as they run)."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def test_policy_hash_is_the_last_column_everywhere():
+    """New columns go last: a new database and a migrated one then have the same column order, and the CSV
+    export (whose header is COLUMNS) keeps every column of the release before where it was."""
+    assert COLUMNS[-1] == "policy_hash"
+    assert COLUMNS[:-1] == tuple(c.name for c in _table_before_policy_hash().columns)
+    assert tuple(f.name for f in dataclasses.fields(AuditRecord)) == COLUMNS
+
+
+def test_a_database_from_before_policy_hash_gets_the_column(db_url):
+    """An audit database made before the policy_hash column: opening it adds the column, at the end (the same
+    column order as a new database), with one ALTER (after ``SET LOCAL lock_timeout`` on PostgreSQL) and none
+    when opened again; old rows read NULL, new rows carry the hash, the append-only triggers stay, and the CSV
+    export has the column, last."""
+    engine = create_engine(db_url)
+    _old_database(engine)
+    with _statements(engine) as seen:
+        log = AuditLog(engine)
+    alters = [i for i, sql in enumerate(seen) if sql.upper().startswith("ALTER TABLE")]
+    assert [seen[i] for i in alters] == ["ALTER TABLE audit ADD COLUMN policy_hash VARCHAR(64)"], seen
+    if engine.dialect.name == "postgresql":
+        assert seen[alters[0] - 1] == "SET LOCAL lock_timeout = '5s'", seen
+    assert _physical_columns(engine) == list(COLUMNS)  # appended: the order a new database has
     assert log.get("before").policy_hash is None and log.get("before").model_id == "cxr-resnet18"
     assert _record(log, "after")
     assert log.get("after").policy_hash == "0123456789abcdef"
-    assert AuditLog(engine).count() == 2  # opening it again changes nothing
+    with _statements(engine) as seen:
+        assert AuditLog(engine).count() == 2  # opening it again changes nothing ...
+    assert not [sql for sql in seen if "ALTER" in sql.upper() or "lock_timeout" in sql], seen  # ... and alters nothing
     with pytest.raises(sa.exc.DBAPIError, match="append-only"), engine.begin() as conn:
         conn.exec_driver_sql("UPDATE audit SET policy_hash = NULL")
     rows = list(csv.DictReader(io.StringIO(log.export_csv_text())))
     assert tuple(rows[0]) == COLUMNS and [r["policy_hash"] for r in rows] == ["", "0123456789abcdef"]
+    engine.dispose()
+
+
+def test_a_new_database_has_the_columns_in_order(db_url):
+    with AuditLog(db_url) as log:
+        assert _physical_columns(log.engine) == list(COLUMNS)
+
+
+def test_adding_the_column_needs_the_table_owner(pg_server):
+    """On PostgreSQL a role that may not ALTER the audit table (INSERT and SELECT only, as production should run
+    the service) gets a ConfigError naming the column and the fix; once the owner has opened the database once,
+    the column is there and that role starts (nothing is created again) and writes rows."""
+    import psycopg
+
+    owner_url = pg_server.create_database()
+    owner = create_engine(owner_url)
+    _old_database(owner)
+    role = "app_" + os.urandom(4).hex()
+    dbname = sa.engine.make_url(owner_url).database
+    with psycopg.connect(host="127.0.0.1", port=pg_server.port, user=sa.engine.make_url(owner_url).username,
+                         dbname=dbname, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")  # INSERT and SELECT only, as in production
+        conn.execute(f"GRANT SELECT, INSERT ON audit TO {role}")
+        conn.execute(f"GRANT USAGE ON SEQUENCE audit_id_seq TO {role}")
+    app_url = sa.engine.make_url(owner_url).set(username=role).render_as_string(hide_password=False)
+    app = create_engine(app_url)
+    with pytest.raises(ConfigError) as info:
+        AuditLog(app)
+    text = str(info.value)
+    assert "the audit database needs one start by the owner role" in text and "'policy_hash'" in text, text
+    assert "ALTER TABLE audit ADD COLUMN policy_hash" in (info.value.hint or ""), text
+    assert "policy_hash" not in _physical_columns(owner)  # nothing half-done
+    AuditLog(owner).close()  # the owner's start adds it
+    assert _physical_columns(owner) == list(COLUMNS)
+    with AuditLog(app) as log:  # and the service's role starts on it, and writes
+        assert _record(log, "by-app") and log.get("by-app").policy_hash == "0123456789abcdef"
+    app.dispose()
+    owner.dispose()
+
+
+def test_adding_the_column_does_not_wait_long_for_a_busy_table(pg_url):
+    """A transaction holding the audit table (a long report, an open psql session) makes the ALTER give up
+    after 5 s with a ConfigError, instead of queueing every other query on the table behind it for ever."""
+    engine = create_engine(pg_url)
+    _old_database(engine)
+    other = create_engine(pg_url)
+    with other.connect() as reader, reader.begin():
+        reader.exec_driver_sql("SELECT count(*) FROM audit").scalar()  # holds ACCESS SHARE until it ends
+        began = time.monotonic()
+        with pytest.raises(ConfigError, match="another transaction held the table"):
+            AuditLog(engine)
+        assert 4.5 <= time.monotonic() - began < 30
+    assert "policy_hash" not in _physical_columns(engine)
+    AuditLog(engine).close()  # the table is free again: the column is added
+    assert _physical_columns(engine)[-1] == "policy_hash"
+    other.dispose()
     engine.dispose()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,8 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import require_module
-from test_cli import FAST, _link_subset
+from helpers import copy_run, free_port, require_module
 
 require_module("fastapi")
 require_module("uvicorn")
@@ -49,21 +47,9 @@ LOAD_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def run_dir(kermany, tmp_path_factory, tensor_cache_dir) -> Path:
-    """A tiny model really trained on Kermany images (seconds on 2 cores)."""
-    root = tmp_path_factory.mktemp("fault-cxr")
-    _link_subset(kermany, root, {"train": 30, "test": 2})
-    run = tmp_path_factory.mktemp("fault-run") / "r"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
-        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
-    return run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """This module's own copy of the session's tiny Kermany run (the service may write beside it)."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("fault-run") / "r")
 
 
 def _server_env() -> dict[str, str]:
@@ -77,7 +63,7 @@ class Server:
     """``medlens serve RUN`` in its own process on a free loopback port, logging to a file."""
 
     def __init__(self, run: Path, db: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "ab") as out:  # a file, not a pipe: nobody reads a pipe while the server runs

@@ -15,22 +15,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import require_module
-from test_cli import FAST, _link_subset
+from helpers import copy_run, require_module, serve_in_thread
 
 require_module("fastapi")
-uvicorn = require_module("uvicorn")
+require_module("uvicorn")
 httpx = require_module("httpx")
 
-from medlens.cli import main  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
 from medlens.service.auth import KeyStore  # noqa: E402
 from medlens.service.settings import ServiceSettings  # noqa: E402
@@ -54,31 +49,11 @@ class Served:
         return self.app.state.service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(app) -> Iterator[Served]:
     """``app`` on a real uvicorn server on a free loopback port, for the block; stopped gracefully after."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not stop"
+    with serve_in_thread(app) as url:
+        yield Served(url, app)
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -107,15 +82,10 @@ def _clear_401(r: httpx.Response, *words: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def run_dir(kermany, tmp_path_factory, tensor_cache_dir) -> Path:
-    """A tiny model really trained on Kermany images (seconds on 2 cores)."""
-    root = tmp_path_factory.mktemp("http-cxr")
-    _link_subset(kermany, root, {"train": 30, "test": 2})
-    run = tmp_path_factory.mktemp("http-run") / "r"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
-        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST]) == 0
-    return run
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """This module's own copy of the session's tiny Kermany run (on PostgreSQL the service keeps its audit key
+    in the run folder)."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("http-run") / "r")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """The service load benchmark's own bookkeeping (``bench/load_service.py``), without a server or a model: the audit
 trail is reconciled with every answer whatever its status, a request that times out or cannot connect is
-counted as a transport error (never dropped), and the summary gives every run and the spread."""
+counted as a transport error (never dropped) and fails the run, as do a 5xx and an unreconciled audit trail, and
+the summary gives every run and the spread (and no README row when a mode has no figures)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import socket
 import sys
@@ -97,21 +99,96 @@ def test_timeouts_and_refused_connections_are_transport_errors(bench):
         server.close()
     assert results and all(r.status is None and r.request_id is None for r in results)
     assert {r.error for r in results} <= {"ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout"}
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    results = asyncio.run(bench.run_clients(f"http://127.0.0.1:{closed}", "k", [upload], 1,
+    results = asyncio.run(bench.run_clients(f"http://127.0.0.1:{_closed_port()}", "k", [upload], 1,
                                             time.perf_counter() + 0.2, 0.2))
     assert results and {r.error for r in results} == {"ConnectError"}
 
 
-def test_summary_reports_every_run_and_the_spread(bench):
-    def run(order, mode, rps, p50):
-        return {"order": order, "round": (order + 1) // 2, "mode": mode, "throughput_rps": rps,
-                "latency_ms": {"p50": p50, "p90": p50 * 1.5, "p99": p50 * 2}, "batch_size": {"mean": 2.0},
-                "cpu": None, "requests": 100, "responses_5xx": 0, "transport_errors": 0,
-                "errors_by_status": {}, "audit": {"ok": True}, "passed": True}
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
+
+# ------------------------------------------------------------------------------------- pass / fail of a run
+
+
+def _run_record(**changes) -> dict:
+    """The fields of a clean run as run_once records them, with ``changes``."""
+    run = {"requests": 130, "requests_in_window_ok": 120, "responses_by_status": {"200": 130}, "responses_5xx": 0,
+           "transport_errors": 0, "transport_errors_by_type": {}, "audit": {"ok": True},
+           "server_stop": {"clean": True}}
+    return {**run, **changes}
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"transport_errors": 3, "transport_errors_by_type": {"ConnectError": 1, "ReadTimeout": 2}},
+     "3 transport errors {'ConnectError': 1, 'ReadTimeout': 2}"),
+    ({"responses_5xx": 1, "responses_by_status": {"200": 129, "503": 1}}, "1 responses 5xx"),
+    ({"audit": {"ok": False, "answers_without_row": 1}}, "the audit trail does not reconcile"),
+    ({"server_stop": {"clean": False}}, "the server did not stop cleanly"),
+    ({"requests_in_window_ok": 0, "responses_by_status": {"429": 130}}, "no 200 answer in the measured window"),
+], ids=["transport", "5xx", "audit", "stop", "no-200"])
+def test_each_fault_fails_the_run_and_a_clean_run_passes(bench, changes, words):
+    assert bench.run_failures(_run_record()) == []
+    failures = bench.run_failures(_run_record(**changes))
+    assert len(failures) == 1 and words in failures[0], failures
+
+
+class _NoServer:
+    """Stands in for bench.Server: "ready" at once on a port nobody listens on, and stops cleanly."""
+
+    def __init__(self, run, db, port, extra, log_path):
+        self.url, self.log_path = f"http://127.0.0.1:{_closed_port()}", log_path
+        self.args = ["python", "-m", "medlens.cli", "serve", str(run), *extra]
+        log_path.write_text("")
+
+    def wait_ready(self):
+        return {"model_id": "none"}
+
+    def cpu_seconds(self):
+        return None
+
+    def stop(self):
+        return {"returncode": 0, "needed_sigkill": False, "shutdown_complete": True, "clean": True}
+
+    def kill(self):
+        pass
+
+
+def test_run_once_fails_a_run_whose_requests_got_no_answer(bench, tmp_path, monkeypatch):
+    """run_once end to end (the real clients, a server whose port refuses connections): the transport errors
+    are counted and fail the run, even though everything else (stop, audit) is clean."""
+    monkeypatch.setattr(bench, "Server", _NoServer)
+    monkeypatch.setattr(bench, "create_key", lambda db: "mlk_test")
+    monkeypatch.setattr(bench, "scrape_batch_sizes", lambda url: {"model_calls": 0, "images": 0, "mean": None,
+                                                                  "calls_by_size": {}})
+    monkeypatch.setattr(bench, "check_audit", lambda db, answers: {"ok": not answers, "answers": len(answers)})
+    upload = bench.Upload("x", b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b")
+    args = argparse.Namespace(run=tmp_path / "run", port=0, clients=1, warmup=0.0, seconds=0.3, timeout=0.2)
+    run = bench.run_once("batching", 1, 1, args, [upload], tmp_path)
+    assert run["transport_errors"] > 0 and run["transport_errors_by_type"].keys() == {"ConnectError"}
+    assert run["audit"]["ok"] and run["server_stop"]["clean"] and run["responses_5xx"] == 0
+    assert not run["passed"] and run["failures"] == bench.run_failures(run)
+    assert any("transport errors" in f for f in run["failures"]), run["failures"]
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+
+def _summary_run(order: int, mode: str, rps: float, p50: float | None) -> dict:
+    """A run record with what summarise needs; ``p50`` None: no 200 answer, so no latency."""
+    passed = p50 is not None
+    return {"order": order, "round": (order + 1) // 2, "mode": mode, "throughput_rps": rps,
+            "latency_ms": {"p50": p50, "p90": p50 and p50 * 1.5, "p99": p50 and p50 * 2},
+            "batch_size": {"mean": 2.0 if passed else None}, "cpu": None, "requests": 100, "responses_5xx": 0,
+            "transport_errors": 0, "errors_by_status": {} if passed else {"429": 100}, "audit": {"ok": True},
+            "passed": passed}
+
+
+def test_summary_reports_every_run_and_the_spread(bench):
+    run = _summary_run
     runs = [run(1, "batching", 80.0, 190.0), run(2, "no-batching", 50.0, 280.0),
             run(3, "batching", 90.0, 170.0), run(4, "no-batching", 60.0, 260.0)]
     summary = bench.summarise(runs, ["batching", "no-batching"])
@@ -124,3 +201,15 @@ def test_summary_reports_every_run_and_the_spread(bench):
     line = bench.readme_figure({"summary": summary, "clients": 16, "seconds": 60.0, "recipe": "cxr_cpu"})
     assert "85.0 req/s (runs 80.0-90.0)" in line and "55.0 req/s (runs 50.0-60.0)" in line
     assert "1.55x; per round 1.50-1.60x" in line and "0 5xx" in line and "exactly one audit row" in line
+
+
+@pytest.mark.parametrize("empty", ["no-batching", "batching"])
+def test_no_readme_row_when_a_mode_had_no_200_answer(bench, empty):
+    """A mode whose runs got no 200 answer (all 429, say) has no latency, a zero throughput and no ratio: the
+    README row is None, not a crash, and main() keeps the JSON (it asks for the row only when every run passed)."""
+    figures = {"batching": (80.0, 190.0), "no-batching": (50.0, 280.0)}
+    runs = [_summary_run(order, mode, *((0.0, None) if mode == empty else figures[mode]))
+            for order, mode in enumerate(["batching", "no-batching"] * 2, start=1)]
+    summary = bench.summarise(runs, ["batching", "no-batching"])
+    assert summary[empty]["latency_p50_ms"]["mean"] is None and not summary[empty]["passed"]
+    assert bench.readme_figure({"summary": summary, "clients": 16, "seconds": 60.0, "recipe": "cxr_cpu"}) is None

@@ -11,20 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import require_module
-from test_cli import FAST, _link_subset
+from helpers import copy_run, in_ci, require_module, serve_in_thread
 
 require_module("fastapi")
-uvicorn = require_module("uvicorn")
+require_module("uvicorn")
 playwright_api = require_module("playwright.sync_api")
 
-from medlens.cli import main  # noqa: E402
 from medlens.service.app import create_app  # noqa: E402
 from medlens.service.auth import KeyStore  # noqa: E402
 from medlens.service.settings import ServiceSettings  # noqa: E402
@@ -34,45 +29,22 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 def _require_chromium() -> str:
     if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("Debian's chromium is not installed: .ci/run installs it (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     return CHROMIUM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(kermany, tmp_path_factory, tensor_cache_dir):
-    root = tmp_path_factory.mktemp("viewer-cxr")
-    _link_subset(kermany, root, {"train": 30, "test": 2})
-    run = tmp_path_factory.mktemp("viewer-run") / "r"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tensor_cache_dir))
-        # 64 px: the last feature map is 4x4, so the heat map has structure to show
-        assert main(["train", str(root), "--out", str(run), "--recipe", "cxr_cpu", *FAST,
-                     "--set", "data.image_size=64"]) == 0
+def server(tiny_run, tmp_path_factory):
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("viewer-run") / "r")  # this module's own copy
     db = tmp_path_factory.mktemp("viewer-db") / "audit.db"
     settings = dataclasses.replace(ServiceSettings.load(run, database=db, env={}), rate_limit_per_minute=0)
     with KeyStore(settings.database_url) as store:
         key = store.create("dr-test", "clinician")
     app = create_app(run, settings)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "key": key, "app": app}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield {"url": url, "key": key, "app": app}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ cut. PostgreSQL commits durably by default (``synchronous_commit=on``).
 
 Append-only. The class has no update or delete method, and the database refuses them too: triggers raise on
 ``UPDATE`` / ``DELETE`` (and ``TRUNCATE`` on PostgreSQL). Triggers stop mistakes and SQL typed by hand, not the
-database's owner, who can drop them: in production give the service's database role INSERT and SELECT only.
+database's owner, who can drop them: in production give the service's database role INSERT and SELECT only
+(on PostgreSQL, and USAGE on the ``audit_id_seq`` sequence); the owner role creates or upgrades the schema
+(start medlens once with it), and the service's role then starts without creating anything.
 
 Privacy. The ``dicom`` column holds only :func:`~medlens.service.deid.deidentify_dicom_fields` output: an
 allow-list of technical fields kept in clear and patient / study identifiers replaced by keyed HMAC-SHA256
@@ -20,9 +22,10 @@ passed by mistake never reaches the database in clear.
 Idempotency. ``request_id`` is unique: recording the same request id again inserts nothing and returns False
 (or raises :class:`DuplicateRequestError` with ``on_duplicate="raise"``), so a retried write cannot duplicate.
 
-Schema changes. ``policy_hash`` (the model card's operating-policy hash) was added after the first release;
-opening an older database adds the column (:func:`medlens.service.db.add_missing_columns`), and its old rows
-read as NULL.
+Schema changes. ``policy_hash`` (the model card's operating-policy hash) was added after the first release; it
+is the table's last column. Opening an older database adds the column at the end
+(:func:`medlens.service.db.add_missing_columns`: only when it is missing; on PostgreSQL with a 5 s lock timeout,
+and a clear ConfigError when the service's role may not alter the table), and its old rows read as NULL.
 """
 
 from __future__ import annotations
@@ -73,12 +76,15 @@ audit_table = sa.Table(
     sa.Column("input_sha256", sa.String(64)),
     sa.Column("dicom", sa.Text),  # JSON: de-identified DICOM fields
     sa.Column("model_id", sa.String(256)),
-    sa.Column("policy_hash", sa.String(64)),  # the model card's operating-policy hash (NULL in rows before it)
     sa.Column("weights_sha256", sa.String(64)),
     sa.Column("output", sa.Text),  # JSON: the response body (for predictions: the prediction)
     sa.Column("latency_ms", sa.Float),
     sa.Column("status", sa.Integer, nullable=False),  # HTTP status code
     sa.Column("error", sa.Text),
+    # Columns added after the first release go LAST, in the order they were added: an older database gets them
+    # by ALTER TABLE ... ADD COLUMN, which appends, so new and migrated databases then have the same column
+    # order, and the CSV export (columns in this order) keeps every earlier column where it was.
+    sa.Column("policy_hash", sa.String(64)),  # the model card's operating-policy hash (NULL in rows before it)
     sa.Index("ix_audit_time", "time"),
 )
 
@@ -107,12 +113,12 @@ class AuditRecord:
     input_sha256: str | None
     dicom: dict[str, Any] | None
     model_id: str | None
-    policy_hash: str | None
     weights_sha256: str | None
     output: Any
     latency_ms: float | None
     status: int
     error: str | None
+    policy_hash: str | None  # the fields in the table's column order (COLUMNS)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> AuditRecord:

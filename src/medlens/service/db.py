@@ -6,8 +6,9 @@ concurrent audit trail: WAL mode, ``synchronous=FULL`` (a commit fsyncs the WAL,
 :func:`write_transaction`). PostgreSQL commits durably by default (``synchronous_commit=on``).
 
 :func:`create_tables` creates missing tables, indexes and append-only triggers, and adds nullable columns that a
-newer medlens defines but an existing database lacks (``ALTER TABLE ... ADD COLUMN``), so a database written by
-an older version keeps working. It never drops or changes a column.
+newer medlens defines but an existing database lacks (``ALTER TABLE ... ADD COLUMN``, only for a column found
+missing; see :func:`add_missing_columns`), so a database written by an older version keeps working. It never
+drops or changes a column.
 """
 
 from __future__ import annotations
@@ -112,22 +113,24 @@ def create_append_only_triggers(conn: Connection, table: str) -> None:
                 f"BEGIN SELECT RAISE(ABORT, 'medlens: table {table} is append-only: {op} refused'); END"
             )
     elif conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(
-            "CREATE OR REPLACE FUNCTION medlens_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            "BEGIN RAISE EXCEPTION USING MESSAGE = "  # no % placeholders: psycopg would read them as its own
-            "'medlens: table ' || TG_TABLE_NAME || ' is append-only: ' || TG_OP || ' refused'; END $$"
-        )
+        # Only what is missing is created: creating (or replacing) needs the owner's privileges, and a service
+        # role with INSERT and SELECT only must still be able to start on a database that has everything.
         triggers = {
             f"{table}_no_update_delete": f"BEFORE UPDATE OR DELETE ON {table} FOR EACH ROW",
             f"{table}_no_truncate": f"BEFORE TRUNCATE ON {table} FOR EACH STATEMENT",
         }
-        for name, when in triggers.items():
-            exists = conn.execute(
-                sa.text("SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:table)"),
-                {"name": name, "table": table},
-            ).first()
-            if not exists:
-                conn.exec_driver_sql(f"CREATE TRIGGER {name} {when} EXECUTE FUNCTION medlens_refuse_change()")
+        missing = [name for name in triggers if conn.execute(
+            sa.text("SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:table)"),
+            {"name": name, "table": table},
+        ).first() is None]
+        if missing and conn.execute(sa.text("SELECT to_regprocedure('medlens_refuse_change()')")).scalar() is None:
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION medlens_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN RAISE EXCEPTION USING MESSAGE = "  # no % placeholders: psycopg would read them as its own
+                "'medlens: table ' || TG_TABLE_NAME || ' is append-only: ' || TG_OP || ' refused'; END $$"
+            )
+        for name in missing:
+            conn.exec_driver_sql(f"CREATE TRIGGER {name} {triggers[name]} EXECUTE FUNCTION medlens_refuse_change()")
     else:
         raise ConfigError(f"database '{conn.dialect.name}' is not supported for the audit trail",
                           hint="use SQLite or PostgreSQL")
@@ -135,41 +138,96 @@ def create_append_only_triggers(conn: Connection, table: str) -> None:
 
 def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...] = ()) -> None:
     """Create ``tables`` (and their indexes and triggers) if missing, and add the nullable columns an older
-    database lacks (:func:`add_missing_columns`); safe to run from many processes at once."""
+    database lacks (:func:`add_missing_columns`); safe to run from many processes at once.
+
+    The database is inspected first and only what is missing is created: on PostgreSQL even ``CREATE ... IF NOT
+    EXISTS`` needs the privilege to create (and ``CREATE INDEX`` the table's ownership), so a service role with
+    INSERT and SELECT only can start on a database that is up to date, and fails with a clear error (see
+    :func:`add_missing_columns`) on one that the owner role has to upgrade first."""
     with write_transaction(engine) as conn:
         if conn.dialect.name == "postgresql":  # concurrent CREATE ... IF NOT EXISTS can still collide
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
         for table in tables:
-            conn.execute(CreateTable(table, if_not_exists=True))
-            add_missing_columns(conn, table)
+            if sa.inspect(conn).has_table(table.name):
+                add_missing_columns(conn, table)
+            else:
+                conn.execute(CreateTable(table, if_not_exists=True))
+            indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes(table.name)}
             for index in table.indexes:
-                conn.execute(CreateIndex(index, if_not_exists=True))
+                if index.name not in indexes:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
         for name in append_only:
             create_append_only_triggers(conn, name)
+
+
+#: how long an ``ALTER TABLE`` waits for its lock on PostgreSQL before it gives up (it needs an exclusive lock,
+#: and while it waits every other query on the table queues behind it)
+ALTER_LOCK_TIMEOUT = "5s"
+_PG_INSUFFICIENT_PRIVILEGE = "42501"  # SQLSTATE: e.g. "must be owner of table audit"
+_PG_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE: lock_timeout expired
 
 
 def add_missing_columns(conn: Connection, table: sa.Table) -> list[str]:
     """Add ``table``'s columns that the database's table lacks (a database from an older medlens); their names.
 
-    Only nullable columns without a server default can be added this way (rows already there get NULL); a
-    missing column that is NOT NULL is a ConfigError (that needs a real migration). Added columns go at the end
-    of the table: code selects columns by name, never by position.
+    The table is inspected first and ``ALTER TABLE`` runs only for a column that is missing (an up-to-date
+    table is never altered, so no ALTER lock is taken on it). Only nullable columns without a server
+    default can be added this way (rows already there get NULL); a missing column that is NOT NULL is a
+    ConfigError (that needs a real migration). Added columns go at the end of the table, which is why new
+    columns are defined last in the table too: a new and a migrated database have the same column order.
+
+    On PostgreSQL the ALTER waits at most :data:`ALTER_LOCK_TIMEOUT` for its lock (``SET LOCAL lock_timeout``):
+    a long transaction on the table makes the start fail with a ConfigError instead of stalling every query
+    queued behind the ALTER. A role that may not alter the table (not its owner) gets a ConfigError naming the
+    column: the owner role has to start medlens once (or run the ALTER) to add it.
     """
     present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
-    added = []
-    for column in table.columns:
-        if column.name in present:
-            continue
+    missing = [column for column in table.columns if column.name not in present]
+    for column in missing:
         if not column.nullable or column.primary_key:
             raise ConfigError(f"the '{table.name}' table in this database has no column '{column.name}', which "
                               "cannot be added automatically (NOT NULL)",
                               hint="migrate the database, or start the service on a new one")
-        kind = column.type.compile(dialect=conn.dialect)
-        name = conn.dialect.identifier_preparer.quote(column.name)
-        conn.exec_driver_sql(f"ALTER TABLE {conn.dialect.identifier_preparer.quote(table.name)} "
-                             f"ADD COLUMN {name} {kind}")
+    if not missing:
+        return []
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{ALTER_LOCK_TIMEOUT}'")
+    quote = conn.dialect.identifier_preparer.quote
+    added = []
+    for column in missing:
+        sql = f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {column.type.compile(conn.dialect)}"
+        try:
+            conn.exec_driver_sql(sql)
+        except sa.exc.DBAPIError as exc:
+            error = _alter_error(exc, table.name, column.name, sql, conn)
+            if error is None:
+                raise
+            raise error from exc
         added.append(column.name)
+    if postgres:
+        conn.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")  # the rest of the transaction as before
     return added
+
+
+def _alter_error(exc: sa.exc.DBAPIError, table: str, column: str, sql: str, conn: Connection) -> ConfigError | None:
+    """The ConfigError for a failed ``ALTER TABLE ... ADD COLUMN`` when the role lacks the privilege or the lock
+    was not had in time; None for any other failure (the database's own error is raised)."""
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+    role = conn.engine.url.username or "this role"
+    if state == _PG_INSUFFICIENT_PRIVILEGE:
+        return ConfigError(
+            f"the audit database needs one start by the owner role of table '{table}' to add column '{column}' "
+            f"(this medlens version writes it; {role} may not alter the table: {detail})",
+            hint=f"start medlens once with the owner's database URL (it adds the column), or have the owner run "
+                 f"{sql}; then start it again with this role")
+    if state == _PG_LOCK_NOT_AVAILABLE:
+        return ConfigError(
+            f"could not add column '{column}' to table '{table}': another transaction held the table for more "
+            f"than {ALTER_LOCK_TIMEOUT} ({detail})",
+            hint="start again once long transactions on the table (reports, exports, an open psql session) end")
+    return None
 
 
 def utc_iso(when: datetime | str | None = None) -> str:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 import medlens
-from medlens.forward import is_positive, shown_class
+from medlens.forward import decide, shown_class
 from medlens.models.card import jsonable, normalize_batch
 from medlens.service.auth import Identity
 from medlens.service.context import API_PREFIX, ApiError, RequestContext, printable, request_context
@@ -122,8 +122,8 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
     """The response body of a prediction (plus ``_target``, the class shown, for the heat map)."""
     card = st.card
     probability = float(result["probability"])
-    positive = bool(is_positive(probability, card.threshold))
-    target = int(shown_class(probability, card.threshold, card.positive_class))
+    positive, label = decide(probability, card)  # the one home of the shown-label rule
+    target = int(shown_class(probability, card.threshold, card.positive_class))  # the class shown: heat map
     refer = result.get("refer")
     refer = None if refer is None or int(refer) < 0 else bool(refer)
     dicom = None
@@ -134,7 +134,7 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
         "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "probability": round(probability, 6),
         "positive_class": card.class_names[card.positive_class],
-        "label": card.class_names[target],
+        "label": label,
         "positive": positive,
         "threshold": round(float(card.threshold), 6),
         "uncertainty": {
