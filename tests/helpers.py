@@ -277,3 +277,44 @@ def serve_in_thread(app_or_config, *, start_timeout_s: float = 120.0, stop_timeo
         server.should_exit = True
         thread.join(timeout=stop_timeout_s)
         assert not thread.is_alive(), f"the uvicorn server did not stop within {stop_timeout_s:.0f} s"
+
+
+# ------------------------------------------------------------------ the out-of-domain fixture (issue 8)
+
+
+def ood_fixture(shared: Path, dst: Path, n_kermany: int = 5, n_breast: int = 5) -> dict[str, list[Path]]:
+    """Inputs a chest X-ray model was not built for, written under ``dst`` from what ../shared/data holds, by
+    kind: ``dicom`` (the real CT and MR files, used in place), ``breast`` (BreastMNIST ultrasound, 28 px as stored),
+    ``breast_224`` (the same upscaled to 224 px), ``synthetic_content`` (blank, white, near-constant, uniform noise,
+    Gaussian noise, 1x1 and 40x40 px), ``gradient`` (a smooth ramp: passes the content gate), ``inverted`` and
+    ``rotated`` (Kermany test X-rays with grey levels inverted / turned 90 degrees)."""
+    import numpy as np
+    from PIL import Image
+
+    dst.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[Path]] = {"dicom": [shared / "dicom" / "CT_small.dcm", shared / "dicom" / "MR_small.dcm"]}
+
+    def save(kind: str, name: str, array) -> None:
+        path = dst / f"{kind}-{name}.png"
+        Image.fromarray(np.clip(np.rint(np.asarray(array) * 255), 0, 255).astype(np.uint8), mode="L").save(path)
+        out.setdefault(kind, []).append(path)
+
+    breast = np.load(shared / "medmnist" / "breastmnist.npz")["test_images"][:n_breast]
+    for k, img in enumerate(breast):
+        save("breast", str(k), img / 255.0)
+        save("breast_224", str(k), np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR)) / 255.0)
+    rng = np.random.default_rng(0)
+    for name, array in (("blank", np.zeros((224, 224))), ("white", np.ones((224, 224))),
+                        ("near_constant", 0.5 + rng.normal(0, 0.004, (224, 224))),
+                        ("uniform_noise", rng.random((224, 224))),
+                        ("gaussian_noise", rng.normal(0.5, 0.2, (224, 224))),
+                        ("one_pixel", np.full((1, 1), 0.7)), ("tiny_40px", rng.random((40, 40)) * 0.1 + 0.4)):
+        save("synthetic_content", name, array)
+    save("gradient", "ramp", np.tile(np.linspace(0, 1, 224), (224, 1)))
+    files = sorted((shared / "chest_xray" / "test" / "NORMAL").iterdir())[:n_kermany]
+    files += sorted((shared / "chest_xray" / "test" / "PNEUMONIA").iterdir())[:n_kermany]
+    for f in files:
+        grey = np.asarray(Image.open(f).convert("L"), dtype=np.float64) / 255.0
+        save("inverted", f.stem, 1.0 - grey)
+        save("rotated", f.stem, np.rot90(grey))
+    return out

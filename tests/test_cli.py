@@ -112,9 +112,13 @@ def test_predict_prints_one_json_per_file(tiny_run, kermany, shared_data, capsys
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in lines] == [str(jpeg), str(dicom)]
     card = json.loads((tiny_run / "model.card.json").read_text())
+    assert lines[0]["in_domain"] is True  # a Kermany test X-ray; the adult CR film may be judged out of domain
     for r in lines:
         assert 0 <= r["probability"] <= 1 and r["threshold"] == pytest.approx(card["threshold"], abs=1e-6)
-        assert r["label"] == ("PNEUMONIA" if r["probability"] >= r["threshold"] else "NORMAL")
+        if r["in_domain"]:
+            assert r["label"] == ("PNEUMONIA" if r["probability"] >= r["threshold"] else "NORMAL")
+        else:  # not assessable (medlens.domain): no label, referred, the reason in words
+            assert r["label"] is None and r["refer"] is True and r["refer_reason"].startswith("not assessable: ")
         assert r["model_id"] == card["model_id"]
 
 

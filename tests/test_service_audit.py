@@ -36,6 +36,9 @@ KEY = b"0123456789abcdef-test-key"
 SHA = "ab" * 32
 
 
+#: the out-of-domain verdict of a prediction (issue 8): added after policy_hash, so after it
+DOMAIN_COLUMNS = ("in_domain", "domain_score", "domain_reason")
+
 def _record(log: AuditLog, rid: str, **kw) -> bool:
     args = {"action": "predict", "status": 200, "user": "alice", "role": "clinician", "input_sha256": SHA,
             "model_id": "cxr-resnet18", "policy_hash": "0123456789abcdef", "weights_sha256": "cd" * 32,
@@ -142,9 +145,11 @@ def test_schema_creation_is_idempotent(db_url):
 
 
 def _table_before_policy_hash() -> sa.Table:
-    """The audit table as the release before the policy_hash column created it."""
+    """The audit table as the release before the policy_hash column created it (so also without the
+    out-of-domain columns added after it)."""
+    later = ("policy_hash", *DOMAIN_COLUMNS)
     columns = [sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, unique=c.unique,
-                         autoincrement=c.autoincrement) for c in audit_table.columns if c.name != "policy_hash"]
+                         autoincrement=c.autoincrement) for c in audit_table.columns if c.name not in later]
     return sa.Table("audit", sa.MetaData(), *columns, sa.Index("ix_audit_time", "time"))
 
 
@@ -181,8 +186,8 @@ def _statements(engine):
 def test_policy_hash_is_the_last_column_everywhere():
     """New columns go last: a new database and a migrated one then have the same column order, and the CSV
     export (whose header is COLUMNS) keeps every column of the release before where it was."""
-    assert COLUMNS[-1] == "policy_hash"
-    assert COLUMNS[:-1] == tuple(c.name for c in _table_before_policy_hash().columns)
+    assert COLUMNS[-4:] == ("policy_hash", *DOMAIN_COLUMNS)  # policy_hash, then the out-of-domain verdict
+    assert COLUMNS[:-4] == tuple(c.name for c in _table_before_policy_hash().columns)
     assert tuple(f.name for f in dataclasses.fields(AuditRecord)) == COLUMNS
 
 
@@ -196,7 +201,10 @@ def test_a_database_from_before_policy_hash_gets_the_column(db_url):
     with _statements(engine) as seen:
         log = AuditLog(engine)
     alters = [i for i, sql in enumerate(seen) if sql.upper().startswith("ALTER TABLE")]
-    assert [seen[i] for i in alters] == ["ALTER TABLE audit ADD COLUMN policy_hash VARCHAR(64)"], seen
+    assert [seen[i] for i in alters] == ["ALTER TABLE audit ADD COLUMN policy_hash VARCHAR(64)",
+                                         "ALTER TABLE audit ADD COLUMN in_domain BOOLEAN",
+                                         "ALTER TABLE audit ADD COLUMN domain_score FLOAT",
+                                         "ALTER TABLE audit ADD COLUMN domain_reason TEXT"], seen
     if engine.dialect.name == "postgresql":
         assert seen[alters[0] - 1] == "SET LOCAL lock_timeout = '5s'", seen
     assert _physical_columns(engine) == list(COLUMNS)  # appended: the order a new database has
@@ -265,7 +273,7 @@ def test_adding_the_column_does_not_wait_long_for_a_busy_table(pg_url):
         assert 4.5 <= time.monotonic() - began < 30
     assert "policy_hash" not in _physical_columns(engine)
     AuditLog(engine).close()  # the table is free again: the column is added
-    assert _physical_columns(engine)[-1] == "policy_hash"
+    assert _physical_columns(engine)[-4:] == ["policy_hash", *DOMAIN_COLUMNS]
     other.dispose()
     engine.dispose()
 

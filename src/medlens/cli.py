@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    rc2 = sub.add_parser("recalibrate", help="refit temperature, threshold and referral policy of a run on its "
-                                             "own validation split (weights unchanged)")
+    rc2 = sub.add_parser("recalibrate", help="refit temperature, threshold, referral policy and in-domain score "
+                                             "of a run on its own data split (weights unchanged)")
     rc2.add_argument("run", metavar="RUN")
     rc2.add_argument("--data", required=True, metavar="DATA")
     rc2.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.refer_coverage=0.8")

@@ -91,6 +91,9 @@ class EvalConfig:
     n_cam_examples: int = 4
     n_faithfulness: int = 64
     faithfulness_steps: int = 20
+    # out-of-domain refusal: the learned in-domain score's threshold keeps this share of held-apart validation
+    # images in domain (``medlens.domain``)
+    domain_coverage: float = 0.99
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
+from medlens.domain import DomainGate, apply_verdict
 from medlens.errors import ConfigError, DataError
 from medlens.forward import decide, predict_logits, probabilities, resolve_device
 from medlens.models.card import ModelCard, load_checkpoint
@@ -29,6 +30,8 @@ class Predictor:
     model: nn.Module
     card: ModelCard
     device: torch.device
+    #: the out-of-domain gates (``medlens.domain``): DICOM metadata, content and the learned in-domain score
+    gate: DomainGate | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
@@ -37,7 +40,7 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        return cls(model=model, card=card, device=dev)
+        return cls(model=model, card=card, device=dev, gate=DomainGate.for_run(run_dir, card.domain))
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training."""
@@ -65,6 +68,14 @@ class Predictor:
         if threshold is not None:
             out["refer"] = out[refer.get("measure", "predictive_entropy")] > float(threshold)
         return out
+
+    def domain_verdicts(self, images: list[np.ndarray], metas: list[dict], tensors: torch.Tensor) -> list[dict]:
+        """Per input: ``in_domain``, ``domain_score`` (Mahalanobis distance, ``None`` without a learned score),
+        ``domain_reason`` (``medlens.domain``)."""
+        gate = self.gate or DomainGate(self.card.domain)
+        scores = gate.scores(self.model, tensors, self.card.intensity, device=self.device)
+        return [gate.verdict(image, meta, None if scores is None else float(scores[j]))
+                for j, (image, meta) in enumerate(zip(images, metas, strict=True))]
 
     def explain_options(self, method: str) -> dict:
         """Options for ``medlens.explain`` methods: the card's ``cam_layer`` for the methods that hook a layer."""
@@ -96,23 +107,30 @@ class Predictor:
         """One result per file: calibrated probability, label at the operating point, threshold, model id,
         ``refer`` (the card's referral policy for the chosen uncertainty method; ``softmax`` by default) and,
         with ``uncertainty`` (mc | tta | ensemble), the spread over the passes. Unreadable files give a result
-        with an ``error`` field instead of stopping the batch. An unknown method raises ``ConfigError`` at once."""
+        with an ``error`` field instead of stopping the batch. An unknown method raises ``ConfigError`` at once.
+
+        Every result says whether the input is assessable (``in_domain``, ``domain_score``, ``domain_reason``,
+        see ``medlens.domain``); when it is not, ``label`` and ``positive`` are null, ``refer`` is true, the
+        ``refer_reason`` says why and the probability is kept for research use only (``probability_note``)."""
         method = uncertainty or "softmax"
         if method not in UNCERTAINTY_METHODS:
             raise ConfigError(f"unknown uncertainty method {method!r}",
                               hint=f"choose one of {', '.join(UNCERTAINTY_METHODS)}")
         results: list[dict] = []
-        batch, where = [], []
+        batch, where, images, metas = [], [], [], []
         for path in paths:
             try:
-                image, _meta = read_image(path)
+                image, meta = read_image(path)
             except DataError as exc:
                 results.append({"path": str(path), "error": exc.message})
                 continue
             where.append(len(results))
             results.append({"path": str(path)})
             batch.append(self.prepare(image))
+            images.append(image)
+            metas.append(meta)
         if batch:
+            verdicts = self.domain_verdicts(images, metas, torch.cat(batch))
             extra = self.predict_with_uncertainty(torch.cat(batch), method)
             probs = extra.pop("probability")
             refer = extra.pop("refer", None)
@@ -131,6 +149,7 @@ class Predictor:
                     "uncertainty": {"method": method, **{
                         k: (int(v[j]) if k == "passes" else round(float(v[j]), 6)) for k, v in extra.items()}},
                 })
+                apply_verdict(results[i], verdicts[j])
         return results
 
 

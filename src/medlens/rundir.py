@@ -10,6 +10,7 @@ benchmarks) asks this module for paths instead of spelling file names, so the la
     RUN/skipped.txt          files training could not read, with the reason
     RUN/val_predictions.csv  the validation split's calibrated probabilities (with the policy hash)
     RUN/model.safetensors    the chosen weights (+ model.card.json, the self-describing model card)
+    RUN/model.domain.safetensors  the learned in-domain score's mean and precision (``medlens.domain``)
     RUN/last.ckpt            the resume checkpoint (``medlens train --resume``)
     RUN/members/K/           ensemble members, each a complete run
     RUN/eval/SPLIT/          metrics.json, predictions.csv, report.html of ``medlens evaluate``

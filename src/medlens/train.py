@@ -39,6 +39,7 @@ from medlens.data.augment import BatchAugment
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
 from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
+from medlens.domain import fit_domain
 from medlens.errors import ConfigError, DataError
 from medlens.forward import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
@@ -416,6 +417,10 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
     card.cam_layer = str(getattr(first, "cam_layer", "") or "")
     refer_idx, where = (calib, "held-apart validation half") if len(calib) else (select, "validation split")
     card.refer = refer_policy(model, d.x_val[torch.from_numpy(refer_idx)], card, cfg, device, data=where)
+    if len(d.x_train):  # the learned in-domain score: training features, threshold on the same held-apart images
+        card.domain = fit_domain(model, d.x_train, d.x_val[torch.from_numpy(refer_idx)], intensity=card.intensity,
+                                 coverage=cfg.eval.domain_coverage, run_dir=run_dir, data=where,
+                                 batch_size=tc.eval_batch_size, device=device)
     card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)
                             for k, v in val_metrics.items()}, "calibration": calibration}
     if "member" in state:
@@ -459,7 +464,8 @@ def _splits_evaluated(run_dir: Path, card: ModelCard) -> dict[str, int]:
 def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] | None = None,
                 progress: bool = True) -> ModelCard:
     """Refit the temperature, the operating threshold and the referral policy of a finished run on its own
-    validation split (the same patients, the same selection / calibration halves), keeping its weights.
+    validation split (the same patients, the same selection / calibration halves), keeping its weights; and the
+    learned in-domain score (``medlens.domain``) on its training images, so older runs get one without retraining.
 
     For runs made by an older medlens (e.g. before the referral policy existed) or to apply changed ``eval.*``
     settings (``overrides``, e.g. ``eval.refer_coverage=0.8``). The split must be the run's: a data set that
@@ -484,7 +490,7 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
                         hint="recalibrate with the data the run was trained on")
     y_val = table.labels[loaded["val"].keep]
     select, calib = _selection_and_calibration(cfg, y_val, [table.patient_ids[i] for i in loaded["val"].keep])
-    d = _Data(table=table, loaded=loaded, x_train=torch.empty(0), y_train=torch.empty(0), x_val=loaded["val"].images,
+    d = _Data(table=table, loaded=loaded, x_train=loaded["train"].images, y_train=torch.empty(0), x_val=loaded["val"].images,
               y_val=y_val, select=select, calib=calib, counts=torch.zeros(0))
     expected = old.metrics.get("calibration", {}).get("patients_sha256")
     if expected and expected != _calibration_patients_hash(d):

@@ -68,9 +68,17 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
         ("patient_id", "PatientID"),
         ("modality", "Modality"),
         ("study_uid", "StudyInstanceUID"),
+        ("body_part", "BodyPartExamined"),
+        ("view_position", "ViewPosition"),
     ):
         if ds.get(keyword):
             meta[key] = str(ds.get(keyword))
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        if spacing:
+            meta["pixel_spacing"] = [float(v) for v in spacing][:2]
+    except (TypeError, ValueError):
+        meta["pixel_spacing_raw"] = str(spacing)
     if frames > 1:
         meta["frames"] = frames
         meta["note"] = f"multi-frame ({frames} frames): frame 0 was read"

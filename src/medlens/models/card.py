@@ -82,6 +82,9 @@ class ModelCard:
     #: the "refer to a radiologist" policy chosen on held-apart validation data: the uncertainty measure,
     #: the target coverage and one threshold per uncertainty method (see ``medlens.train.refer_policy``)
     refer: dict[str, Any] = field(default_factory=dict)
+    #: what the model may be asked about (``medlens.domain``): the DICOM gate lists, the content gate and the
+    #: learned in-domain score (threshold, coverage, sha256 of its sidecar file); empty for older runs
+    domain: dict[str, Any] = field(default_factory=dict)
     #: results of ``medlens evaluate`` per split (written after training; never used to choose anything)
     evaluations: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
@@ -104,8 +107,11 @@ class ModelCard:
 
     def operating_policy(self) -> dict[str, Any]:
         """The choices that turn logits into what a user is told (not the weights)."""
-        return {"threshold": float(self.threshold), "temperature": float(self.temperature),
-                "positive_class": int(self.positive_class), "refer": jsonable(self.refer)}
+        policy = {"threshold": float(self.threshold), "temperature": float(self.temperature),
+                  "positive_class": int(self.positive_class), "refer": jsonable(self.refer)}
+        if self.domain:  # only when present, so the hashes of runs from before the domain gate stay the same
+            policy["domain"] = jsonable(self.domain)
+        return policy
 
     def compute_policy_hash(self) -> str:
         text = json.dumps(self.operating_policy(), sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -208,6 +214,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "temperature": (int, float),
     "metrics": dict,
     "refer": dict,
+    "domain": dict,
     "cam_layer": str,
     "evaluations": dict,
     "policy_changes": list,

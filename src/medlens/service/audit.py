@@ -22,8 +22,9 @@ passed by mistake never reaches the database in clear.
 Idempotency. ``request_id`` is unique: recording the same request id again inserts nothing and returns False
 (or raises :class:`DuplicateRequestError` with ``on_duplicate="raise"``), so a retried write cannot duplicate.
 
-Schema changes. ``policy_hash`` (the model card's operating-policy hash) was added after the first release; it
-is the table's last column. Opening an older database adds the column at the end
+Schema changes. ``policy_hash`` (the model card's operating-policy hash) was added after the first release, then
+``in_domain`` / ``domain_score`` / ``domain_reason`` (the out-of-domain verdict of a prediction); they are the
+table's last columns. Opening an older database adds the column at the end
 (:func:`medlens.service.db.add_missing_columns`: only when it is missing; on PostgreSQL with a 5 s lock timeout,
 and a clear ConfigError when the service's role may not alter the table), and its old rows read as NULL.
 """
@@ -85,6 +86,10 @@ audit_table = sa.Table(
     # by ALTER TABLE ... ADD COLUMN, which appends, so new and migrated databases then have the same column
     # order, and the CSV export (columns in this order) keeps every earlier column where it was.
     sa.Column("policy_hash", sa.String(64)),  # the model card's operating-policy hash (NULL in rows before it)
+    # the out-of-domain verdict of a prediction (medlens.domain; NULL for other actions and in rows before it)
+    sa.Column("in_domain", sa.Boolean),
+    sa.Column("domain_score", sa.Float),
+    sa.Column("domain_reason", sa.Text),
     sa.Index("ix_audit_time", "time"),
 )
 
@@ -119,6 +124,9 @@ class AuditRecord:
     status: int
     error: str | None
     policy_hash: str | None  # the fields in the table's column order (COLUMNS)
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    domain_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> AuditRecord:
@@ -195,6 +203,9 @@ class AuditLog:
         latency_ms: float | None = None,
         error: str | None = None,
         time: datetime | str | None = None,
+        in_domain: bool | None = None,
+        domain_score: float | None = None,
+        domain_reason: str | None = None,
     ) -> dict[str, Any]:
         """The validated, de-identified row :meth:`record` would write (for :meth:`insert_rows`)."""
         if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
@@ -218,6 +229,8 @@ class AuditLog:
             "input_sha256": input_sha256, "dicom": dicom_json, "model_id": model_id, "policy_hash": policy_hash,
             "weights_sha256": weights_sha256, "output": None if output is None else _json(output),
             "latency_ms": None if latency_ms is None else float(latency_ms), "status": status, "error": error,
+            "in_domain": None if in_domain is None else bool(in_domain),
+            "domain_score": None if domain_score is None else float(domain_score), "domain_reason": domain_reason,
         }
 
     def insert_rows(self, rows: list[dict[str, Any]]) -> list[bool]:

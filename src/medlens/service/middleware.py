@@ -134,6 +134,7 @@ class ServiceMiddleware:
             return False
         card = state.card
         route = _route(scope)
+        out = ctx.output if isinstance(ctx.output, dict) and "in_domain" in ctx.output else {}
         try:
             row = state.audit.prepare(
                 request_id=ctx.request_id, action=ACTIONS.get((scope["method"], route), "unknown"), status=status,
@@ -142,6 +143,7 @@ class ServiceMiddleware:
                 policy_hash=(card.policy_hash or None) if card else None,
                 weights_sha256=(card.weights_sha256 or None) if card else None,
                 output=ctx.output, latency_ms=(time.perf_counter() - started) * 1000.0,
+                **{k: out.get(k) for k in ("in_domain", "domain_score", "domain_reason")},
                 error=printable(ctx.error, 2000) if status >= 400 and ctx.error else None,
             )
             writer = state.audit_writer

@@ -53,13 +53,24 @@ class Prediction(BaseModel):
     created: str = Field(description="UTC time, ISO 8601")
     probability: float = Field(ge=0, le=1, description="calibrated probability of the positive class")
     positive_class: str = Field(description="the class the probability is for")
-    label: str = Field(description="the label at the model's operating threshold")
-    positive: bool = Field(description="probability >= threshold")
+    label: str | None = Field(description="the label at the model's operating threshold; null when the input is "
+                                          "not assessable (in_domain false)")
+    positive: bool | None = Field(description="probability >= threshold; null when the input is not assessable")
     threshold: float = Field(description="the operating threshold chosen on validation data")
     uncertainty: Uncertainty
     refer: bool | None = Field(description="refer to a radiologist (uncertainty above the card's referral "
                                            "threshold); null when the card has no policy for the method")
-    refer_reason: str = Field(description="what refer means for this method, in words")
+    refer_reason: str = Field(description="what refer means for this method, in words; 'not assessable: <reason>' "
+                                          "when the input is outside the model's validated domain")
+    in_domain: bool | None = Field(None, description="whether the input is one the model was validated on (DICOM "
+                                                     "metadata, content and learned in-domain score); null only in "
+                                                     "predictions served before medlens checked it")
+    domain_score: float | None = Field(None, description="Mahalanobis distance of the image's features to the "
+                                                         "training images (null when the card has no learned score)")
+    domain_reason: str | None = Field(None, description="why the input is not assessable, in words (null when it is)")
+    domain_note: str | None = Field(None, description="set when the model card has no learned in-domain score")
+    probability_note: str | None = Field(None, description="set when the input is not assessable: the probability "
+                                                           "is for research use only")
     model_id: str
     policy_hash: str | None = Field(None, description="the model card's operating-policy hash (threshold, "
                                                       "temperature, referral): with weights_sha256 it names exactly "

@@ -216,6 +216,9 @@ class ServiceState:
 
     def _predict(self, images: torch.Tensor, method: str) -> dict[str, np.ndarray]:
         out = self.predictor.predict_with_uncertainty(images, method)
+        gate, card = self.predictor.gate, self.predictor.card  # the learned in-domain score (NaN: none)
+        scores = gate.scores(self.predictor.model, images, card.intensity, self.predictor.device) if gate else None
+        out["domain_score"] = np.full(len(images), np.nan) if scores is None else scores
         if "refer" not in out:  # no referral policy for this method in the card
             out["refer"] = np.full(len(images), -1, dtype=np.int64)
         return out

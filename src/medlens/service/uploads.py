@@ -187,6 +187,8 @@ class DecodedUpload:
     height: int
     image: torch.Tensor  # uint8 (1, 1, S, S)
     display: np.ndarray  # uint8 (H, W)
+    #: why the DICOM metadata or content gate refuses the input (``medlens.domain``); None: it passes them
+    domain_reason: str | None = None
 
 
 def display_copy(image: np.ndarray) -> np.ndarray:
@@ -205,6 +207,7 @@ def display_copy(image: np.ndarray) -> np.ndarray:
 def decode_upload(data: bytes, ctx: RequestContext, settings: ServiceSettings, predictor: Any) -> DecodedUpload:
     """Check and decode an upload into the network input (runs on a worker thread)."""
     from medlens.data.readers import read_image
+    from medlens.domain import DomainGate
     from medlens.errors import DataError
 
     if not data:
@@ -231,7 +234,8 @@ def decode_upload(data: bytes, ctx: RequestContext, settings: ServiceSettings, p
     except ValueError as exc:
         raise ApiError(422, f"the uploaded image cannot be prepared for the model ({exc})") from None
     height, width = (int(s) for s in meta.get("shape", image.shape)[:2])
-    return DecodedUpload(kind, width, height, tensor, display_copy(image))
+    gate = getattr(predictor, "gate", None) or DomainGate(getattr(predictor.card, "domain", {}))
+    return DecodedUpload(kind, width, height, tensor, display_copy(image), gate.gate_reason(image, meta))
 
 
 def sha256(data: bytes) -> str:

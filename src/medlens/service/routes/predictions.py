@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 import medlens
+from medlens.domain import DomainGate, apply_verdict
 from medlens.forward import decide, shown_class
 from medlens.models.card import jsonable, normalize_batch
 from medlens.service.auth import Identity
@@ -70,7 +71,8 @@ async def create_prediction(
     prediction = prediction_body(ctx, st, method, result, decoded, len(data))
     ctx.output = prediction
     st.inputs.put(ctx.request_id, HeldInput(decoded.image, decoded.display, prediction.pop("_target")))
-    st.metrics.observe_prediction(method, prediction["probability"], prediction["label"], prediction["refer"])
+    st.metrics.observe_prediction(method, prediction["probability"], prediction["label"] or "not assessable",
+                                  prediction["refer"])
     return prediction
 
 
@@ -129,7 +131,7 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
     dicom = None
     if ctx.dicom:
         dicom = deidentify_dicom_fields(ctx.dicom, st.settings.audit_key)
-    return {
+    body = {
         "id": ctx.request_id,
         "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "probability": round(probability, 6),
@@ -156,6 +158,10 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
         "heatmap_url": f"{API_PREFIX}/predictions/{ctx.request_id}/heatmap.png",
         "_target": target,
     }
+    # is the input assessable? (medlens.domain: DICOM metadata and content gates, then the learned score)
+    gate = st.predictor.gate or DomainGate(card.domain)
+    score = result.get("domain_score")
+    return apply_verdict(body, gate.combine(decoded.domain_reason, None if score is None else float(score)))
 
 
 def render_heatmap(st: ServiceState, held: HeldInput, alpha: float) -> tuple[bytes, tuple[int, int]]:

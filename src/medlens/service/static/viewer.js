@@ -53,14 +53,17 @@ async function imageUrl(id, alpha) {
 
 function showResult(p) {
   $("result").hidden = false;
-  $("label").textContent = p.label;
+  // an input outside the model's validated domain gets no label: say why instead
+  const assessable = p.in_domain !== false;
+  $("label").textContent = assessable ? p.label : `not assessable: ${p.domain_reason}`;
+  $("label").dataset.inDomain = String(p.in_domain);
   const refer = $("refer");
   refer.className = "badge " + (p.refer === true ? "refer" : p.refer === false ? "no-refer" : "unknown");
   refer.textContent = p.refer === true ? "Refer to a radiologist" : p.refer === false ? "No referral" : "Referral unknown";
   refer.dataset.refer = String(p.refer);
   $("refer-reason").textContent = p.refer_reason;
   $("positive-class").textContent = p.positive_class;
-  $("probability").textContent = p.probability.toFixed(4);
+  $("probability").textContent = p.probability.toFixed(4) + (assessable ? "" : ` (${p.probability_note})`);
   $("threshold").textContent = p.threshold.toFixed(4);
   const u = p.uncertainty;
   $("unc-method").textContent = u.method;
@@ -97,7 +100,8 @@ function applyOpacity() {
 }
 
 function remember(p, name) {
-  state.recent = [{ id: p.id, name, label: p.label, probability: p.probability, refer: p.refer, created: p.created }]
+  const label = p.in_domain === false ? "not assessable" : p.label;
+  state.recent = [{ id: p.id, name, label, probability: p.probability, refer: p.refer, created: p.created }]
     .concat(state.recent.filter((r) => r.id !== p.id)).slice(0, 20);
   sessionStorage.setItem("medlens-recent", JSON.stringify(state.recent));
   renderRecent();
