@@ -89,6 +89,7 @@ def test_viewer_upload_shows_probability_refer_flag_and_heatmap(server, browser,
     base = page.eval_on_selector("#image-base", "e => [e.naturalWidth, e.naturalHeight]")
     heat = page.eval_on_selector("#heatmap-overlay", "e => [e.naturalWidth, e.naturalHeight]")
     assert base == heat and min(base) > 32
+    assert page.eval_on_selector("#heatmap-overlay", "e => e.hidden") is False
     # the opacity slider drives the overlay
     page.fill("#opacity", "80")
     page.dispatch_event("#opacity", "input")
@@ -116,4 +117,29 @@ def test_viewer_wrong_key_says_so(server, browser):
     page.click("#connect")
     page.wait_for_selector("#error:not([hidden])", timeout=15_000)
     assert "could not connect" in page.inner_text("#error").lower()
+    page.close()
+
+
+def test_viewer_says_not_assessable_for_a_ct_slice(server, browser, shared_data, tmp_path):
+    """Outside the model's envelope the viewer shows the reason instead of a label (issue 8)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server["url"] + "/")
+    page.fill("#api-key", server["key"])
+    page.click("#connect")
+    page.wait_for_selector("body[data-connected='true']", timeout=15_000)
+    page.set_input_files("#file-input", str(shared_data / "dicom" / "CT_small.dcm"))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    label = page.inner_text("#label")
+    assert label.startswith("not assessable: ") and "modality CT" in label, label
+    assert label not in ("PNEUMONIA", "NORMAL")
+    assert page.get_attribute("#refer", "data-refer") == "true"
+    # the image is shown, but no heat map: an explanation of a call the model cannot make would mislead
+    page.wait_for_selector("#viewer:not([hidden])", timeout=60_000)
+    assert page.eval_on_selector("#heatmap-overlay", "e => e.hidden") is True
+    artefacts = Path(os.environ.get("MEDLENS_ARTEFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(artefacts / "viewer-not-assessable.png"), full_page=True)
+    assert not errors, errors
     page.close()

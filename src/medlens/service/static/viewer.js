@@ -76,15 +76,17 @@ function showResult(p) {
   $("gauge-threshold").style.left = `${(100 * p.threshold).toFixed(1)}%`;
 }
 
-async function showImages(id) {
+async function showImages(id, assessable = true) {
   const ticket = (state.ticket = (state.ticket || 0) + 1);  // only the latest request may show its images
   try {
-    const [base, heat] = await Promise.all([imageUrl(id, 0), imageUrl(id, 1)]);
+    // no heat map for an input the model cannot assess: an explanation of a meaningless call would mislead
+    const [base, heat] = await Promise.all([imageUrl(id, 0), imageUrl(id, assessable ? 1 : 0)]);
     if (ticket !== state.ticket) { URL.revokeObjectURL(base); URL.revokeObjectURL(heat); return; }
     for (const url of state.urls.splice(0)) if (url !== base && url !== heat) URL.revokeObjectURL(url);
     state.urls.push(base, heat);
     $("image-base").src = base;
     $("heatmap-overlay").src = heat;
+    $("heatmap-overlay").hidden = !assessable;
     $("viewer").hidden = false;
     applyOpacity();
   } catch (e) {
@@ -124,7 +126,7 @@ async function open(id) {
   try {
     const p = await (await api(`/v1/predictions/${encodeURIComponent(id)}`)).json();
     showResult(p);
-    await showImages(id);
+    await showImages(id, p.in_domain !== false);
   } catch (e) {
     showError(e.message);
   }
@@ -141,7 +143,7 @@ async function upload(file) {
     const p = await (await api(`/v1/predictions?uncertainty=${encodeURIComponent(method)}`, { method: "POST", body: form })).json();
     showResult(p);
     remember(p, file.name);
-    await showImages(p.id);
+    await showImages(p.id, p.in_domain !== false);
     setStatus(`${file.name}: done.`);
   } catch (e) {
     setStatus("");
