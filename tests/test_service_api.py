@@ -189,6 +189,14 @@ def test_prediction_and_its_audit_row_carry_the_policy_hash(client, state, keys,
     assert r.status_code == 401 and _row(state, r).policy_hash == expected
 
 
+def test_models_shows_the_domain_section(client, keys, state):
+    info = client.get("/v1/models", headers=_auth(keys["viewer"])).json()["models"][0]
+    domain, card = info["domain"], state.card.domain
+    assert domain["learned_score"] is True and domain["threshold"] == pytest.approx(card["score"]["threshold"])
+    assert domain["coverage"] == card["score"]["coverage"] and domain["dicom"]["modalities"] == ["CR", "DX"]
+    assert domain["content"]["min_side"] == 64 and domain["intended_use"] == card["intended_use"]["text"]
+
+
 def test_predict_uncertainty_methods(client, keys, kermany):
     data = _cxr(kermany).read_bytes()
     r = client.post("/v1/predictions?uncertainty=tta", files={"file": ("x.jpeg", data)}, headers=_auth(keys["admin"]))

@@ -88,6 +88,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for k in keys:
         m = result[k]
         print(f"  {k:<12} {m['value']:.4f}  (95% CI {m['ci_low']:.4f}-{m['ci_high']:.4f})")
+    dom = result.get("domain") or {}
+    if dom:
+        ood, silent = dom["out_of_domain"], dom["silent_error"]
+        print(f"  out of domain {ood['k']} of {ood['n']}; silent errors (wrong, in domain, not referred) "
+              f"{silent['k']} of {silent['n']}")
     unc = result.get("uncertainty") or {}
     for method, m in unc.get("methods", {}).items():
         print(f"  refer/{method:<9} accuracy {m['accuracy']:.4f} -> {m['accuracy_kept']:.4f} on the "
@@ -252,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run on a split and write metrics.json + report.html")
     e.add_argument("run", metavar="RUN")
     e.add_argument("--data", required=True, metavar="DATA")
-    e.add_argument("--split", default="test", help="test (default), val or train")
+    e.add_argument("--split", default="test", help="test (default), val, train or all (every row: external "
+                   "validation); test on data with no split information that the run was not trained on means all")
     e.add_argument("--bootstrap", type=int, default=None, metavar="N", help="bootstrap resamples for the CIs")
     e.add_argument("--masks", default=None, metavar="DIR", help="chest X-rays with lung masks (manifest.csv with "
                    "image,mask, or images/ + masks/): report the share of heat-map energy inside the lungs")

@@ -161,6 +161,60 @@ def fit_score(train_features: np.ndarray, val_features: np.ndarray, coverage: fl
             "n_train": int(len(train_features)), "n_val": int(len(val_features))}, mean, precision
 
 
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".dcm": "DICOM", ".dicom": "DICOM",
+            ".nii": "NIfTI", ".gz": "NIfTI", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _dicom_headers(paths: list[str], limit: int = 300) -> tuple[list[str], list[str], list[str]]:
+    """Modalities, views and body parts recorded in (up to ``limit``) DICOM headers, most common first."""
+    from collections import Counter
+
+    import pydicom
+
+    found: dict[str, Counter] = {"Modality": Counter(), "ViewPosition": Counter(), "BodyPartExamined": Counter()}
+    for path in paths[:limit]:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - an unreadable header just records nothing
+            continue
+        for key, counter in found.items():
+            value = str(getattr(ds, key, "") or "").strip().upper()
+            if value:
+                counter[value] += 1
+    return tuple([k for k, _ in found[key].most_common()] for key in found)  # type: ignore[return-value]
+
+
+def intended_use(table: Any, train_idx: Any, val_idx: Any) -> dict[str, Any]:
+    """What the model was trained and validated on, derived from the data only (nothing is assumed about the
+    population that the data does not record): source name, file formats, DICOM modalities / views / body parts
+    where the files are DICOM, images, patients and classes. Stored in the card's ``domain.intended_use``."""
+    idx = [int(i) for i in train_idx] + [int(i) for i in val_idx]
+    items = [str(table.items[i]) for i in idx]
+    if table.kind == "npz":
+        formats = {"MedMNIST .npz arrays": len(items)}
+    else:
+        formats = {}
+        for item in items:
+            name = _FORMATS.get(Path(item).suffix.lower(), Path(item).suffix.lower().lstrip(".") or "unknown")
+            formats[name] = formats.get(name, 0) + 1
+    dicom = [it for it in items if _FORMATS.get(Path(it).suffix.lower()) == "DICOM"]
+    modalities, views, body_parts = _dicom_headers(dicom) if dicom else ([], [], [])
+    patients = len({str(table.patient_ids[i]) for i in idx})
+    source = Path(str(table.source)).name or str(table.source)
+    fmt = ", ".join(f"{k} {v:,}" for k, v in sorted(formats.items(), key=lambda kv: -kv[1]))
+    header = (f"DICOM modality {'/'.join(modalities) or 'not recorded'}, view {'/'.join(views) or 'not recorded'}, "
+              f"body part {'/'.join(body_parts) or 'not recorded'}" if dicom else
+              "no DICOM headers: modality, view, body part, age and site are not recorded in the data")
+    per_patient = "" if table.patient_id_source not in ("", "per-file") else " (patients not known: per file)"
+    text = (f"validated on images like the {len(idx):,} training and validation images of '{source}' "
+            f"({fmt}; {patients:,} patients{per_patient}; classes {' / '.join(map(str, table.classes))}); "
+            f"{header}. The gates refuse DICOM other than {'/'.join(DEFAULT_DICOM['modalities'])} "
+            f"{'/'.join(DEFAULT_DICOM['view_positions'])} chest films and inputs unlike the training images.")
+    return {"text": text, "source": source, "formats": formats, "n_images": len(idx), "n_patients": patients,
+            "classes": [str(c) for c in table.classes], "modalities": modalities, "views": views,
+            "body_parts": body_parts}
+
+
 def sidecar_path(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     return (path if path.is_dir() else path.parent) / SIDECAR

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import medlens
-from medlens import rundir
+from medlens import external, rundir
 from medlens.config import Config
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
@@ -29,21 +29,41 @@ from medlens.models.card import ModelCard, jsonable, record_evaluation
 from medlens.report import write_report
 
 log = logging.getLogger("medlens.evaluate")
-SPLITS = ("test", "val", "train")
+SPLITS = ("test", "val", "train", "all")
 
 
 def split_indices(table: SampleTable, cfg: Config, split: str, run_dir: Path) -> np.ndarray:
-    """Indices of `split`; the official test folder when the source has one, else the run's own split."""
+    """Indices of `split`; the official test folder when the source has one, else the run's own split.
+
+    ``all``: every row (external validation on another site's data). ``test`` on a source with no split
+    information at all (a CSV without a ``split`` column, a folder without train/test sub-folders) that is not
+    the run's training source means every row too, with a log line saying so: such data was never split."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split '{split}'", hint=f"choose one of {', '.join(SPLITS)}")
+    if split == "all":
+        return np.arange(len(table.labels))
     if split == "test" and "test" in table.splits:
         return np.flatnonzero(np.asarray(table.splits) == "test")
+    if split == "test" and not any(table.splits) and not _is_training_source(table, run_dir):
+        log.info("%s has no split information and is not the run's training data: --split test evaluates all "
+                 "%d rows (an external validation)", table.source, len(table.labels))
+        return np.arange(len(table.labels))
     parts = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
     saved = rundir.split_path(run_dir)
     if saved.exists() and split_manifest(table, parts)["hash"] != json.loads(saved.read_text())["hash"]:
         raise DataError(f"{table.source}: the {split} split made from this data differs from the run's {rundir.SPLIT}",
                         hint="evaluate on the same data the run was trained on (or use --split test)")
     return parts[split]
+
+
+def _is_training_source(table: SampleTable, run_dir: Path) -> bool:
+    """Whether ``table`` is the data the run was trained on (the card's data fingerprint): only then has it a
+    test split of the run's own making. Other data sharing patients with training gets a leakage warning."""
+    try:
+        card = json.loads((run_dir / "model.card.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(card.get("data_fingerprint")) and card["data_fingerprint"] == table.fingerprint()
 
 
 def _patients_seen_in_training(run_dir: Path) -> set[str]:
@@ -120,7 +140,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     idx = split_indices(table, cfg, split, run_dir)
     if len(idx) == 0:
         raise DataError(f"{data}: the '{split}' split is empty")
-    if split == "test" and table.kind != "npz":
+    if split in ("test", "all") and table.kind != "npz":
         overlap = _patients_seen_in_training(run_dir) & {table.patient_ids[i] for i in idx}
         if overlap:
             log.warning("%d test patient ids also occur in training/validation (e.g. %s): check for leakage",
@@ -139,6 +159,8 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
 
     calibration = _calibration_summary(card, logits, y, prob, cfg)
     pred = shown_class(prob, threshold, card.positive_class)
+    domain, per_image = external.assess(predictor, [table.items[i] for i in loaded.keep], loaded.images, y, prob,
+                                        pred, threshold, patients=patients, n_boot=n_boot, seed=cfg.train.seed)
     subtypes = [table.meta[i].get("subtype") for i in loaded.keep]
     subgroups = None
     if any(subtypes):
@@ -170,12 +192,13 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
                   "validation AUC": round(card.metrics.get("val", {}).get("auc", float("nan")), 4),
                   "split hash": card.split_hash[:16]},
     }
+    summary["domain (external validation)"] = external.summary(domain, card.class_names)
     if calibration:
         summary["calibration"] = calibration
     out = rundir.eval_dir(run_dir, split)
     out.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "split": split, "model_id": card.model_id, "policy_hash": card.policy_hash,
-              "weights_sha256": card.weights_sha256, "subgroups": subgroups,
+              "weights_sha256": card.weights_sha256, "subgroups": subgroups, "domain": domain,
               "calibration": calibration, "uncertainty": checks.get("selective"),
               "faithfulness": checks.get("faithfulness"), "lung_energy": checks.get("lung_energy"),
               "skipped": [list(s) for s in loaded.skipped]}
@@ -192,11 +215,15 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     with (out / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "probability", "predicted", *[f"uncertainty_{m}" for m in columns],
-                         *(["refer"] if refer_t is not None and "softmax" in columns else []), "policy_hash"])
+                         *(["refer"] if refer_t is not None and "softmax" in columns else []), "in_domain",
+                         "domain_score", "refer_final", "policy_hash"])
         for j, path in enumerate(paths):
             row = [path, int(y[j]), f"{prob[j]:.6f}", int(pred[j]), *[f"{c['uncertainty'][j]:.6f}" for c in columns.values()]]
             if refer_t is not None and "softmax" in columns:
                 row.append(int(columns["softmax"]["uncertainty"][j] > refer_t))
+            score = per_image["domain_score"][j]
+            row += [int(per_image["in_domain"][j]), "" if np.isnan(score) else f"{score:.4f}",
+                    int(per_image["refer"][j])]
             writer.writerow([*row, card.policy_hash])
     raw = probabilities(logits, 1.0)[:, card.positive_class] if card.temperature != 1.0 else None
     write_report(out, metrics=metrics, y_true=y, y_prob=prob, threshold=threshold, class_names=card.class_names,

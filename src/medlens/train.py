@@ -39,7 +39,7 @@ from medlens.data.augment import BatchAugment
 from medlens.data.cache import TensorCache
 from medlens.data.sources import SampleTable, discover
 from medlens.data.split import assert_patient_disjoint, patient_grouped_split, split_manifest
-from medlens.domain import fit_domain
+from medlens.domain import fit_domain, intended_use
 from medlens.errors import ConfigError, DataError
 from medlens.forward import autocast, predict_logits, probabilities, resolve_device
 from medlens.losses import make_loss
@@ -421,6 +421,7 @@ def _finalise(model: torch.nn.Module, card: ModelCard, state: dict, cfg: Config,
         card.domain = fit_domain(model, d.x_train, d.x_val[torch.from_numpy(refer_idx)], intensity=card.intensity,
                                  coverage=cfg.eval.domain_coverage, run_dir=run_dir, data=where,
                                  batch_size=tc.eval_batch_size, device=device)
+        card.domain["intended_use"] = intended_use(d.table, d.loaded["train"].keep, d.loaded["val"].keep)
     card.metrics = {"val": {k: (float(v) if isinstance(v, (float, np.floating)) else v)
                             for k, v in val_metrics.items()}, "calibration": calibration}
     if "member" in state:

@@ -82,6 +82,24 @@ class Prediction(BaseModel):
     heatmap_url: str = Field(description="Grad-CAM overlay of the label shown (while the input is held)")
 
 
+class DomainInfo(BaseModel):
+    """What the model may be asked about (``medlens.domain``): the gates, the learned score's threshold and
+    coverage, and the intended use recorded at training."""
+
+    intended_use: str = Field(description="the population / view / modality the model was validated on, as far as "
+                                          "the training data records it")
+    dicom: dict[str, Any] = Field(description="the DICOM metadata gate: modalities, body parts, view positions, "
+                                              "photometric interpretations, pixel spacing range (mm)")
+    content: dict[str, Any] = Field(description="the content gate: minimum side (px), minimum standard deviation, "
+                                                "minimum neighbouring-pixel correlation")
+    learned_score: bool = Field(description="whether the card has a learned in-domain score")
+    score_method: str | None = Field(None, description="e.g. mahalanobis (pooled classifier features)")
+    threshold: float | None = Field(None, description="in-domain distance above which an input is refused")
+    coverage: float | None = Field(None, description="share of held-apart validation images the threshold passes")
+    fitted_on: str | None = Field(None, description="the images the threshold was chosen on")
+    note: str | None = Field(None, description="set when the card has no learned in-domain score")
+
+
 class ModelInfo(BaseModel):
     model_id: str
     model_name: str
@@ -98,6 +116,7 @@ class ModelInfo(BaseModel):
     uncertainty_methods: list[str] = Field(description="methods this model supports for ?uncertainty=")
     refer: dict[str, Any] = Field(description="the referral policy (coverage, measure, thresholds by method)")
     metrics: dict[str, Any] = Field(description="validation metrics of the chosen epoch")
+    domain: DomainInfo = Field(description="the out-of-domain gates, their threshold and coverage, the intended use")
     versions: dict[str, str]
 
 

@@ -6,13 +6,30 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from medlens.domain import DEFAULT_CONTENT, DEFAULT_DICOM, NO_SCORE_NOTE
 from medlens.models.card import jsonable
 from medlens.service.auth import Identity
 from medlens.service.context import API_PREFIX, request_context
 from medlens.service.deps import require_viewer, service_state
 from medlens.service.schemas import ModelsResponse, error_responses
 
+NO_INTENDED_USE = "not recorded in this model card (trained before medlens recorded it)"
 router = APIRouter(prefix=API_PREFIX, tags=["models"])
+
+
+def domain_info(card: Any) -> dict[str, Any]:
+    """The :class:`~medlens.service.schemas.DomainInfo` of a model card (defaults for cards without one)."""
+    domain = card.domain or {}
+    score = domain.get("score") or {}
+    use = domain.get("intended_use")
+    return {
+        "intended_use": str(use.get("text", "")) if isinstance(use, dict) else str(use or NO_INTENDED_USE),
+        "dicom": {**DEFAULT_DICOM, **(domain.get("dicom") or {})},
+        "content": {**DEFAULT_CONTENT, **(domain.get("content") or {})},
+        "learned_score": bool(score), "score_method": score.get("method"), "threshold": score.get("threshold"),
+        "coverage": score.get("coverage"), "fitted_on": score.get("data"),
+        "note": None if score else NO_SCORE_NOTE,
+    }
 
 
 def model_info(card: Any, methods: list[str]) -> dict[str, Any]:
@@ -23,7 +40,7 @@ def model_info(card: Any, methods: list[str]) -> dict[str, Any]:
         "positive_class": card.class_names[card.positive_class], "input_size": card.input_size,
         "threshold": card.threshold, "threshold_policy": card.threshold_policy, "temperature": card.temperature,
         "uncertainty_methods": list(methods), "refer": jsonable(card.refer), "metrics": jsonable(card.metrics),
-        "versions": dict(card.versions),
+        "domain": domain_info(card), "versions": dict(card.versions),
     }
 
 
