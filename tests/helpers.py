@@ -318,3 +318,20 @@ def ood_fixture(shared: Path, dst: Path, n_kermany: int = 5, n_breast: int = 5) 
         save("inverted", f.stem, 1.0 - grey)
         save("rotated", f.stem, np.rot90(grey))
     return out
+
+
+def clinician_app(run: Path, tmp_path_factory, name: str, user: str):
+    """``(app, key)``: the service app on a private copy of ``run`` with its own SQLite audit database, no rate
+    limit, and one clinician key for ``user`` (service imports are local: not every test file has the extra)."""
+    import dataclasses
+
+    from medlens.service.app import create_app
+    from medlens.service.auth import KeyStore
+    from medlens.service.settings import ServiceSettings
+
+    own = copy_run(run, tmp_path_factory.mktemp(f"{name}-run") / "r")
+    db = tmp_path_factory.mktemp(f"{name}-db") / "audit.db"
+    settings = dataclasses.replace(ServiceSettings.load(own, database=db, env={}), rate_limit_per_minute=0)
+    with KeyStore(settings.database_url) as store:
+        key = store.create(user, "clinician")
+    return create_app(own, settings), key

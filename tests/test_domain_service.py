@@ -5,7 +5,6 @@ database from before these columns gets them added (nullable, at the end of the 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import sqlite3
 import warnings
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import copy_run, require_module, require_shared
+from helpers import clinician_app, require_module, require_shared
 
 require_module("fastapi")
 require_module("httpx")
@@ -23,22 +22,14 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from medlens.service.app import create_app  # noqa: E402
 from medlens.service.audit import COLUMNS, AuditLog  # noqa: E402
-from medlens.service.auth import KeyStore  # noqa: E402
-from medlens.service.settings import ServiceSettings  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
 def served(tiny_run, tmp_path_factory):
-    run = copy_run(tiny_run, tmp_path_factory.mktemp("domain-api") / "r")
-    db = tmp_path_factory.mktemp("domain-db") / "audit.db"
-    settings = dataclasses.replace(ServiceSettings.load(run, database=db, env={}), rate_limit_per_minute=0)
-    with KeyStore(settings.database_url) as store:
-        key = store.create("test-clinician", "clinician")
-    app = create_app(run, settings)
+    app, key = clinician_app(tiny_run, tmp_path_factory, "domain-api", "test-clinician")
     with TestClient(app) as client:
         yield client, app.state.service, {"Authorization": f"Bearer {key}"}
 

@@ -8,21 +8,17 @@ overlay (whose opacity slider works) and the list of recent studies. A screensho
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import copy_run, in_ci, require_module, serve_in_thread
+from helpers import clinician_app, in_ci, require_module, serve_in_thread
 
 require_module("fastapi")
 require_module("uvicorn")
 playwright_api = require_module("playwright.sync_api")
 
-from medlens.service.app import create_app  # noqa: E402
-from medlens.service.auth import KeyStore  # noqa: E402
-from medlens.service.settings import ServiceSettings  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -37,12 +33,7 @@ def _require_chromium() -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    run = copy_run(tiny_run, tmp_path_factory.mktemp("viewer-run") / "r")  # this module's own copy
-    db = tmp_path_factory.mktemp("viewer-db") / "audit.db"
-    settings = dataclasses.replace(ServiceSettings.load(run, database=db, env={}), rate_limit_per_minute=0)
-    with KeyStore(settings.database_url) as store:
-        key = store.create("dr-test", "clinician")
-    app = create_app(run, settings)
+    app, key = clinician_app(tiny_run, tmp_path_factory, "viewer", "dr-test")  # this module's own copy
     with serve_in_thread(app) as url:
         yield {"url": url, "key": key, "app": app}
 
