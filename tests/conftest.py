@@ -7,6 +7,8 @@ Session fixtures for tests that need a trained model (see helpers.py for the fun
 * ``tiny_run``: ``medlens train cxr_tiny --recipe cxr_cpu FAST`` (seed 0). Read-only: a test that writes into a run
   (evaluate, recalibrate, serve with an audit database in the run) takes ``helpers.copy_run(tiny_run, tmp_path / "run")``.
 * ``tiny_ensemble_run``: the same with ``--ensemble 2`` (member 0 is ``tiny_run``'s model). Read-only too.
+* ``tiny_seg_run``: ``medlens train ../shared/data/segmentation --recipe lung_unet SEG_FAST`` (64 px, a few
+  epochs): a real, small lung segmentation run. Read-only.
 * ``medlens_cache``: points MEDLENS_CACHE at the session's tensor cache for one test
   (``pytestmark = pytest.mark.usefixtures("medlens_cache")``).
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    SEG_FAST,
     TINY_COUNTS,
     built_once,
     env,
@@ -85,3 +88,20 @@ def tiny_ensemble_run(cxr_tiny, tmp_path_factory, tensor_cache_dir) -> Path:
             _check_calibrated(train(cxr_tiny, run, "--ensemble", "2"))
 
     return built_once(tmp_path_factory, "tiny-ensemble-run", build)
+
+
+@pytest.fixture(scope="session")
+def lung_masks() -> Path:
+    return require_shared("segmentation")
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_run(lung_masks, tmp_path_factory, tensor_cache_dir) -> Path:
+    from medlens.cli import main
+
+    def build(run: Path) -> None:
+        with env(MEDLENS_CACHE=str(tensor_cache_dir)):
+            args = ["train", str(lung_masks), "--out", str(run), "--recipe", "lung_unet", *SEG_FAST, "--no-progress"]
+            assert main(args) == 0, f"medlens {' '.join(args)} failed"
+
+    return built_once(tmp_path_factory, "tiny-seg-run", build)

@@ -12,7 +12,7 @@ from medlens.errors import ConfigError, DataError
 from medlens.models import ImageClassifier, create_model, list_models, model_info
 from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
 
-ALL_MODELS = list_models()
+ALL_MODELS = list_models(task="classification")
 EXPECTED = {"seed_cnn", "seed_resnet", "seed_cbam", "densenet121", "resnet18", "resnet50", "efficientnet_b0"}
 
 

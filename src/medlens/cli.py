@@ -1,4 +1,4 @@
-"""`medlens` command line: train | evaluate | predict | explain | models | recipes | data | run | serve | keys | audit.
+"""`medlens` command line: train | evaluate | predict | segment | explain | models | recipes | data | run | serve | keys | audit.
 
 User mistakes surface as one message (no traceback) and exit code 2; unexpected failures print one line and
 keep the full traceback in a file, so a user never has to read a stack to learn what to do.
@@ -24,6 +24,10 @@ DEFAULT_DATASET = "chest_xray"
 def _auto_recipe(data: str) -> str:
     import torch
 
+    from medlens.seg.data import is_segmentation_data
+
+    if is_segmentation_data(data):
+        return "lung_unet"
     if str(data).endswith(".npz"):
         return "medmnist"
     return "cxr_gpu" if torch.cuda.is_available() else "cxr_cpu"
@@ -59,10 +63,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.data.strict = True
     if args.ensemble is not None:
         cfg.train.ensemble = args.ensemble
+    if _is_segmentation(cfg, data):
+        from medlens.seg.train import fit_segmentation
+
+        card = fit_segmentation(cfg, data, run, resume=args.resume, progress=not args.no_progress)
+        print(json.dumps({"run": str(run), "model_id": card.model_id, "task": card.task, "best_epoch": card.epoch,
+                          "val_dice_mean": card.metrics["val"]["dice_mean"],
+                          "val_dice_median": card.metrics["val"]["dice_median"],
+                          "postprocess": card.metrics["postprocess"]["chosen"]}))
+        return 0
     card = fit(cfg, data, run, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"run": str(run), "model_id": card.model_id, "best_epoch": card.epoch,
                       "val_auc": card.metrics.get("val", {}).get("auc"), "threshold": card.threshold}))
     return 0
+
+
+def _is_segmentation(cfg, data: Path) -> bool:
+    """Whether this is a segmentation run; a segmentation model on class folders (or the reverse) is refused."""
+    from medlens.errors import ConfigError
+    from medlens.models import model_task
+    from medlens.seg.data import is_segmentation_data
+
+    seg_model = model_task(cfg.model.name) == "segmentation"
+    seg_data = is_segmentation_data(data)
+    if seg_model != seg_data:
+        raise ConfigError(
+            f"model '{cfg.model.name}' is a {'segmentation' if seg_model else 'classification'} model but {data} "
+            f"is {'a segmentation data set (images/ + masks/)' if seg_data else 'not a segmentation data set'}",
+            hint="use --recipe lung_unet (or a segmentation model) for images/ + masks/ folders, a classification "
+                 "recipe for class folders; `medlens models` lists both kinds")
+    return seg_model
+
+
+def _run_task(run: str) -> str:
+    from medlens.models.card import ModelCard, _find_card
+
+    return ModelCard.load(_find_card(Path(run))).task
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
@@ -80,6 +116,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medlens.evaluate import evaluate
 
     data = _resolve_data(args.data)
+    if _run_task(args.run) == "segmentation":
+        return _evaluate_segmentation(args, data)
     result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap,
                       masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False))
     out = rundir.eval_dir(args.run, args.split)
@@ -103,6 +141,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f" randomisation Spearman median {faith['randomisation_spearman_median']}")
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _evaluate_segmentation(args: argparse.Namespace, data: Path) -> int:
+    from medlens.seg.evaluate import evaluate_segmentation
+
+    result = evaluate_segmentation(args.run, data, args.split, n_bootstrap=args.bootstrap)
+    print(f"{args.split}: n={result['n']} images of {result['n_patients']} patients, post-processing "
+          f"{result['postprocess']}; distances in {result['units']['distances']}")
+    for name, m in result["metrics"].items():
+        mean, median = m["mean"], m["median"]
+        print(f"  {name:<8} mean {mean['value']:.4f} ({mean['ci_low']:.4f}-{mean['ci_high']:.4f})  "
+              f"median {median['value']:.4f} ({median['ci_low']:.4f}-{median['ci_high']:.4f})"
+              + (f"  [{m['n_missing']} missing]" if m["n_missing"] else ""))
+    print(f"report: {rundir.eval_dir(args.run, args.split) / 'report.html'}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from medlens.seg.predict import segment_files, to_json_lines
+
+    results = segment_files(args.run, args.files, args.out, device=args.device)
+    print(to_json_lines(results))
+    return 1 if any("error" in r for r in results) else 0
 
 
 def _default_masks() -> Path | None:
@@ -284,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax (the single pass, default), mc (MC-dropout passes), tta (test-time "
                         "augmentation passes) or ensemble (the members of an ensemble run)")
     r.set_defaults(func=cmd_predict)
+
+    sg = sub.add_parser("segment", help="segment images with a segmentation run: mask PNGs, overlays, JSON")
+    sg.add_argument("run", metavar="RUN")
+    sg.add_argument("files", nargs="+", metavar="FILE")
+    sg.add_argument("--out", required=True, metavar="DIR", help="folder for <name>.mask.png and <name>.overlay.png")
+    sg.add_argument("--device", default="auto")
+    sg.set_defaults(func=cmd_segment)
 
     x = sub.add_parser("explain", help="heat map of where the model looked (Grad-CAM family, occlusion)")
     x.add_argument("run", metavar="RUN")

@@ -22,9 +22,36 @@ from medlens.errors import ConfigError
 class DataConfig:
     image_size: int = 224
     val_fraction: float = 0.15  # share of train patients held out for model selection
+    test_fraction: float = 0.15  # share of patients held out for testing, when the source brings no test split
+    foreground_name: str = "foreground"  # segmentation: what the mask's foreground is (e.g. lung)
     patient_pattern: str | None = None  # regex with one group (or a group named `patient`) over the file name
     strict: bool = False  # fail on the first unreadable image instead of skipping and listing it
     cache_dir: str | None = None  # decoded-tensor cache; default ~/.cache/medlens/tensors
+    # contrast equalisation of each decoded image before the resize (``medlens.data.cache.preprocess``), recorded
+    # in the model card so prediction does the same: none | hist (global histogram) | clahe (contrast-limited
+    # adaptive: ``clahe_clip`` is the clip limit in (0, 1], higher = more contrast; ``clahe_tiles`` the tiles
+    # per side, each contextual region 1/tiles of the height and width)
+    equalize: str = "none"
+    clahe_clip: float = 0.01
+    clahe_tiles: int = 8
+
+    def preprocess_options(self) -> dict[str, Any]:
+        """The ``preprocess`` options of these settings (what the model card's ``preprocess`` records): ``{}`` for
+        none, ``{"equalize": "hist"}``, ``{"equalize": "clahe", "clip": ..., "tiles": ...}``. Bad values raise
+        ``ConfigError`` naming the ``data.*`` key."""
+        from medlens.data.cache import EQUALIZE, preprocess_options
+
+        if self.equalize not in EQUALIZE:
+            close = difflib.get_close_matches(str(self.equalize), EQUALIZE, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown value data.equalize={self.equalize!r}",
+                              hint=f"{hint}choose one of {', '.join(EQUALIZE)}")
+        if self.equalize == "clahe" and not 0 < self.clahe_clip <= 1:
+            raise ConfigError(f"data.clahe_clip={self.clahe_clip} must be in (0, 1]",
+                              hint="0.01 is the usual clip limit; higher values give more contrast")
+        if self.equalize == "clahe" and self.clahe_tiles < 1:
+            raise ConfigError(f"data.clahe_tiles={self.clahe_tiles} must be >= 1", hint="8 tiles per side is usual")
+        return preprocess_options({"equalize": self.equalize, "clip": self.clahe_clip, "tiles": self.clahe_tiles})
 
 
 @dataclass
@@ -217,10 +244,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         for k in reversed(keys[1:]):
             nested = {k: nested}
         _merge(cfg, {keys[0]: nested}, "")
+    cfg.data.preprocess_options()  # a bad data.equalize fails here, not after minutes of decoding
     return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = Config()
     _merge(cfg, values, "")
+    cfg.data.preprocess_options()
     return cfg

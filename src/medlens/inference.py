@@ -37,14 +37,18 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
         dev = resolve_device(device)
         model, card = load_checkpoint(Path(run_dir), map_location=dev)
+        if card.task != "classification":
+            raise ConfigError(f"{run_dir} is a {card.task} run: it gives masks, not labels",
+                              hint="use `medlens segment RUN FILE... --out DIR` for a segmentation run")
         model.to(dev).eval()
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
         return cls(model=model, card=card, device=dev, gate=DomainGate.for_run(run_dir, card.domain))
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
-        """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training."""
-        return torch.from_numpy(preprocess(image, self.card.input_size))[None, None]
+        """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training (the card's size and
+        ``preprocess`` options, e.g. CLAHE)."""
+        return torch.from_numpy(preprocess(image, self.card.input_size, options=self.card.preprocess))[None, None]
 
     def predict_images(self, images: torch.Tensor) -> np.ndarray:
         """Positive-class probabilities for uint8 images (N, 1, S, S)."""

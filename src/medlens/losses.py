@@ -43,3 +43,31 @@ def make_loss(imbalance: str, counts: torch.Tensor, *, focal_gamma: float = 2.0,
         return _FocalCE(focal_gamma, class_weights(counts))
     weight = class_weights(counts) if imbalance == "class_weights" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+class SegmentationLoss(nn.Module):
+    """Dice + cross-entropy for segmentation, with an "ignore" label left out of both.
+
+    The Dice part is MONAI's ``DiceLoss``; MONAI has no ignore label, so ignored pixels are zeroed in both the
+    softmax output and the one-hot target before it (they then add to neither overlap nor size), and the
+    cross-entropy is PyTorch's with ``ignore_index``. ``logits`` (B, C, H, W), ``target`` (B, 1, H, W) integer
+    labels in 0..C-1 or ``ignore_index``."""
+
+    def __init__(self, num_classes: int, ignore_index: int, *, dice_weight: float = 1.0, ce_weight: float = 1.0):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+        # include_background=False: the Dice of the foreground classes (background Dice is near 1 whatever)
+        self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        labels = target[:, 0].long()
+        valid = labels != self.ignore_index
+        ce = nn.functional.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        onehot = nn.functional.one_hot(torch.where(valid, labels, 0), self.num_classes).permute(0, 3, 1, 2)
+        keep = valid[:, None].to(logits.dtype)
+        dice = self.dice(logits.softmax(1) * keep, onehot.to(logits.dtype) * keep)
+        return self.dice_weight * dice + self.ce_weight * ce

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "UndefinedMetricWarning",
     "binary_metrics",
     "bootstrap_ci",
+    "bootstrap_stats",
     "choose_threshold",
     "expected_calibration_error",
     "metrics_with_ci",
@@ -396,4 +398,31 @@ def subgroup_sensitivity(y_true, y_pred, groups: Sequence[Hashable]) -> dict[Has
             "specificity": tn / n_neg if n_neg else math.nan,
             "n": int(mask.sum()), "n_pos": n_pos, "n_neg": n_neg,
         }
+    return out
+
+
+def bootstrap_stats(values, groups: Sequence[Hashable] | None = None, *, n_boot: int = 1000, alpha: float = 0.05,
+                    seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean and median of per-image ``values`` with percentile bootstrap intervals; ``groups`` (patient ids)
+    makes it a cluster bootstrap that resamples patients with all of their images (as :func:`bootstrap_ci`).
+
+    Non-finite values (e.g. a surface distance of an empty prediction) are left out and counted (``n_missing``).
+    Returns ``{"mean": {"value", "ci_low", "ci_high"}, "median": {...}, "n", "n_missing", "n_units"}``."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    g = None if groups is None else [groups[i] for i in np.flatnonzero(ok)]
+    v = v[ok]
+    out: dict[str, Any] = {"n": int(v.size), "n_missing": int((~ok).sum())}
+    if v.size == 0:
+        nan = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+        return {**out, "mean": dict(nan), "median": dict(nan), "n_units": 0}
+    rng = np.random.default_rng(seed)
+    if g is not None:
+        index, out["n_units"] = _cluster_index(np.zeros(v.size, dtype=np.int64), g, n_boot, rng, False)
+    else:
+        index, out["n_units"] = list(rng.integers(0, v.size, (n_boot, v.size))), int(v.size)
+    for name, fn in (("mean", np.mean), ("median", np.median)):
+        boot = np.array([fn(v[ix]) for ix in index])
+        lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+        out[name] = {"value": float(fn(v)), "ci_low": float(lo), "ci_high": float(hi)}
     return out

@@ -58,7 +58,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
+def setup_run_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(rundir.train_log_path(run_dir))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("medlens").addHandler(handler)
@@ -66,7 +66,7 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _lr_lambda(warmup_steps: int, total_steps: int):
+def lr_schedule(warmup_steps: int, total_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -87,8 +87,13 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True):
-    """Discover the data set, split it by patient and load train + val through the cache (never test)."""
+def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True, options: dict | None = None):
+    """Discover the data set, split it by patient and load train + val through the cache (never test).
+
+    ``options``: the ``preprocess`` options (default: the config's ``data.equalize`` settings; a finished run's
+    card's ``preprocess`` when refitting it)."""
+    if options is None:
+        options = cfg.data.preprocess_options()
     table = discover(data, patient_pattern=cfg.data.patient_pattern, strict=cfg.data.strict)
     if len(table.classes) != 2:
         raise DataError(f"{data}: found {len(table.classes)} classes ({', '.join(table.classes)})",
@@ -96,7 +101,8 @@ def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True):
     split = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed)
     assert_patient_disjoint(table, split)
     cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
-    loaded = {name: cache.load(table, split[name], cfg.data.image_size, strict=cfg.data.strict, progress=progress)
+    loaded = {name: cache.load(table, split[name], cfg.data.image_size, strict=cfg.data.strict, progress=progress,
+                               options=options)
               for name in ("train", "val")}
     return table, split, loaded
 
@@ -164,7 +170,7 @@ def fit(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = Fa
         progress: bool = True) -> ModelCard:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
+    handler = setup_run_logging(run_dir)
     try:
         return _fit(cfg, data, run_dir, resume=resume, progress=progress)
     finally:
@@ -202,9 +208,10 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     with torch.device("meta"):
         create_model(cfg.model.name, num_classes=2, in_chans=1, **cfg.model.args)
     make_loss(tc.imbalance, torch.ones(2))
+    preprocess = cfg.data.preprocess_options()  # a bad data.equalize fails before any decoding
     cfg.save(rundir.config_path(run_dir))
 
-    table, split, loaded = load_split_data(cfg, data, progress=progress)
+    table, split, loaded = load_split_data(cfg, data, progress=progress, options=preprocess)
     manifest = split_manifest(table, split)
     rundir.split_path(run_dir).write_text(json.dumps(manifest, indent=1))
     skipped = [s for part in loaded.values() for s in part.skipped]
@@ -230,7 +237,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
     def new_card(model_name: str, model_args: dict) -> ModelCard:
         return ModelCard(
             model_name=model_name, model_args=model_args, class_names=list(table.classes),
-            input_size=cfg.data.image_size, in_chans=1, positive_class=1,
+            input_size=cfg.data.image_size, in_chans=1, positive_class=1, preprocess=dict(preprocess),
             data_fingerprint=table.fingerprint(), split_hash=manifest["hash"], recipe=cfg.recipe,
             config=cfg.to_dict(), versions=versions(),
         )
@@ -256,7 +263,7 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
             log.info("ensemble member %d/%d: already trained (%s)", k + 1, tc.ensemble, member_dir)
         else:
             log.info("ensemble member %d/%d: seed %d", k + 1, tc.ensemble, tc.seed + k)
-            handler = _setup_logging(member_dir)
+            handler = setup_run_logging(member_dir)
             try:
                 model, state = _train_member(cfg, d, member_dir, device, seed=tc.seed + k, resume=resume,
                                              progress=progress, intensity=intensity)
@@ -290,7 +297,7 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
     total_steps = steps_per_epoch * tc.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(max(1, int(tc.warmup_epochs * steps_per_epoch)), total_steps))
+        optimizer, lr_schedule(max(1, int(tc.warmup_epochs * steps_per_epoch)), total_steps))
     loss_fn = make_loss(tc.imbalance, d.counts, focal_gamma=tc.focal_gamma,
                         label_smoothing=tc.label_smoothing).to(device)
     order_gen = torch.Generator().manual_seed(seed)
@@ -485,7 +492,7 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     cfg = apply_overrides(rundir.run_config(run_dir), overrides or [])
     device = resolve_device(cfg.train.device)
     model, old = load_checkpoint(run_dir, map_location=device)
-    table, split, loaded = load_split_data(cfg, data, progress=progress)
+    table, split, loaded = load_split_data(cfg, data, progress=progress, options=old.preprocess)
     if split_manifest(table, split)["hash"] != old.split_hash:
         raise DataError(f"{data}: the validation split made from this data differs from the run's",
                         hint="recalibrate with the data the run was trained on")
@@ -509,7 +516,7 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     card = copy.deepcopy(old)
     card.evaluations, card.created = {}, ""
     card.config = cfg.to_dict()
-    handler = _setup_logging(run_dir)
+    handler = setup_run_logging(run_dir)
     try:
         log.info("recalibrating %s on its validation split", run_dir)
         looked = _splits_evaluated(run_dir, old)

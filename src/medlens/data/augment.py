@@ -30,10 +30,13 @@ class BatchAugment:
         u = torch.rand(n, generator=self.generator, device=device)
         return low + (high - low) * u
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, masks: torch.Tensor | None = None):
+        """Augment ``x``; with ``masks`` (integer label maps ``(B, 1, H, W)``) also move each mask with exactly
+        its image's geometry (nearest-neighbour, so labels stay labels; intensity changes leave masks alone) and
+        return ``(x, masks)``."""
         cfg = self.cfg
         if not cfg.enabled:
-            return x
+            return x if masks is None else (x, masks)
         b, dev = x.shape[0], x.device
         active = (torch.rand(b, generator=self.generator, device=dev) < cfg.p).float()
 
@@ -46,6 +49,9 @@ class BatchAugment:
         ).to(x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if masks is not None:
+            moved = F.grid_sample(masks.to(x.dtype), grid, mode="nearest", padding_mode="border", align_corners=False)
+            masks = moved.round().to(masks.dtype)
 
         shape = (b, 1, 1, 1)
         gamma = torch.exp(self._uniform(b, -cfg.gamma, cfg.gamma, dev) * active).view(shape).to(x.dtype)
@@ -57,4 +63,5 @@ class BatchAugment:
         if cfg.noise_std > 0:
             noise = torch.randn(x.shape, generator=self.generator, device=dev, dtype=x.dtype)
             x = x + noise * (cfg.noise_std * active.view(shape).to(x.dtype))
-        return x.clamp(0, 1)
+        x = x.clamp(0, 1)
+        return x if masks is None else (x, masks)

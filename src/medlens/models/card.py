@@ -1,8 +1,8 @@
 """Self-describing checkpoints: weights (safetensors) + a JSON model card.
 
 The card carries everything inference needs (architecture and its arguments, class names, input size,
-intensity convention, operating threshold, temperature) and what a reader needs to trust the model
-(validation metrics, data fingerprint, split hash, recipe, full config, versions). Training, evaluation,
+preprocessing options, intensity convention, operating threshold, temperature) and what a reader needs to trust
+the model (validation metrics, data fingerprint, split hash, recipe, full config, versions). Training, evaluation,
 prediction and serving all read it, so they cannot drift apart.
 
 ``normalize_batch`` is the one place a quantised image batch becomes network input.
@@ -67,8 +67,15 @@ class ModelCard:
     class_names: list[str]
     input_size: int
     in_chans: int
+    #: "classification" (image -> class probabilities) or "segmentation" (image -> per-pixel classes; then
+    #: ``class_names`` names the mask classes, e.g. background / lung, and threshold / referral are unused)
+    task: str = "classification"
     #: uint8 -> float: "per_image_zscore" (x/255, then (x - mean) / std per image) or "unit_range" (x/255)
     intensity: str = "per_image_zscore"
+    #: the options of ``medlens.data.cache.preprocess`` the model was trained with, applied identically wherever an
+    #: image is prepared for it (e.g. ``{"equalize": "clahe", "clip": 0.01, "tiles": 8}``); ``{}`` = the plain
+    #: resize, which is what cards written before this field mean
+    preprocess: dict[str, Any] = field(default_factory=dict)
     #: P(positive_class) >= threshold means positive; applied explicitly, never inside forward()
     threshold: float = 0.5
     threshold_policy: str = ""
@@ -128,8 +135,16 @@ class ModelCard:
             raise DataError(
                 f"{source}: {'; '.join(problems)}", hint="re-export the checkpoint or fix the card"
             )
+        if self.task not in ("classification", "segmentation"):
+            problems.append(f"task {self.task!r} is not classification or segmentation")
         if self.intensity not in INTENSITIES:
             problems.append(f"intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}")
+        from medlens.data.cache import preprocess_options
+
+        try:
+            preprocess_options(self.preprocess)
+        except ConfigError as e:
+            problems.append(f"preprocess: {e.message} ({e.hint})" if e.hint else f"preprocess: {e.message}")
         if len(self.class_names) < 1:
             problems.append("class_names is empty")
         if not 0 <= self.positive_class < max(len(self.class_names), 1):
@@ -208,7 +223,9 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "class_names": list,
     "input_size": int,
     "in_chans": int,
+    "task": str,
     "intensity": str,
+    "preprocess": dict,
     "threshold": (int, float),
     "positive_class": int,
     "temperature": (int, float),

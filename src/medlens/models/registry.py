@@ -18,27 +18,47 @@ from torch import nn
 
 from medlens.errors import ConfigError
 
-__all__ = ["register_model", "create_model", "list_models", "model_info"]
+__all__ = ["register_model", "create_model", "list_models", "model_info", "model_task"]
 
 ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: ModelFn) -> ModelFn:
-    """Decorator: register ``fn`` under ``fn.__name__``; ``fn(num_classes=, in_chans=, **options)`` builds it."""
-    name = fn.__name__
-    if name in _REGISTRY and _REGISTRY[name] is not fn:
-        raise ValueError(
-            f"model {name!r} is registered twice ({_REGISTRY[name].__module__} and {fn.__module__})"
-        )
-    _REGISTRY[name] = fn
-    return fn
+_TASKS: dict[str, str] = {}
+TASKS = ("classification", "segmentation")
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern`` (e.g. ``"seed_*"``), sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+def register_model(fn: ModelFn | None = None, *, task: str = "classification"):
+    """Decorator: register ``fn`` under ``fn.__name__``; ``fn(num_classes=, in_chans=, **options)`` builds it.
+
+    ``@register_model`` registers a classifier; ``@register_model(task="segmentation")`` a segmentation network."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    def register(fn: ModelFn) -> ModelFn:
+        name = fn.__name__
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(
+                f"model {name!r} is registered twice ({_REGISTRY[name].__module__} and {fn.__module__})"
+            )
+        _REGISTRY[name] = fn
+        _TASKS[name] = task
+        return fn
+
+    return register(fn) if fn is not None else register
+
+
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (e.g. ``"seed_*"``), sorted; ``task``
+    (``"classification"`` or ``"segmentation"``) lists one kind only."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern) and task in (None, _TASKS[n]))
+
+
+def model_task(name: str) -> str:
+    """``"classification"`` or ``"segmentation"``: what model ``name`` does (unknown names raise ``ConfigError``)."""
+    _lookup(name)
+    return _TASKS[name]
 
 
 def _lookup(name: str) -> Callable[..., nn.Module]:
@@ -101,6 +121,7 @@ def model_info(name: str) -> dict[str, Any]:
         "name": name,
         "description": doc.splitlines()[0] if doc else "",
         "family": fn.__module__.rsplit(".", 1)[-1],
+        "task": _TASKS[name],
         "default_input_size": input_size,
         "min_input_size": min_size,
         "params": params,
