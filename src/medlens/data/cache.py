@@ -107,11 +107,11 @@ def preprocess(image: np.ndarray, size: int, *, options: dict[str, Any] | None =
 
     ``options`` (``preprocess_options``; a model card's ``preprocess``): ``{"equalize": "hist" | "clahe", ...}``
     equalises the decoded image before the resize. Before, not after: CLAHE's tiles and the histogram are then
-    those of the image as acquired, whatever the network's input size. Measured on one core (bench in the
-    issue 8 report): at 224 px CLAHE takes ~8-11 ms per image either way; on a 1955x1841 radiograph (the
-    RG1_J2KI DICOM) it takes ~470 ms before the resize against ~22 ms after, but the two differ by 13 grey
-    levels on average (up to 41-62) on images that are not already at the input size, so they are not
-    equivalent. The tensor cache pays the cost once per image; Kermany's files are 224 px already.
+    those of the image as acquired, whatever the network's input size. Measured (scikit-image 0.26, one CPU
+    core): at 224 px CLAHE takes ~8-11 ms per image either way; on a 1955x1841 radiograph (the RG1_J2KI DICOM
+    of the shared data) ~470 ms before the resize against ~22 ms after, but on images not already at the input
+    size the two results differ by ~6-13 grey levels on average (up to 37-62): not equivalent, so the slower,
+    size-independent order is kept. The tensor cache pays the cost once per image; Kermany's files are 224 px.
 
     The image is squashed to a square (the aspect ratio is not kept, nothing is cropped or padded: a
     radiograph's edges hold anatomy, and the Kermany train/test images were already squashed to 224x224 by
