@@ -229,3 +229,51 @@ def test_segment_writes_masks_overlays_and_lung_area(tiny_seg_run, lung_masks, s
 def test_predict_on_a_segmentation_run_says_what_to_use(tiny_seg_run, lung_masks, capsys):
     assert main(["predict", str(tiny_seg_run), str(lung_masks / "images" / "00870a9c.jpg")]) == 2
     assert "medlens segment" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the lung crop of an anatomy-aware classifier
+
+
+def test_lung_crop_box_holds_the_lungs(tiny_seg_run, lung_masks):
+    from medlens.data.readers import read_image
+    from medlens.models.card import ModelCard
+    from medlens.seg.crop import LungCropper
+
+    card = ModelCard.load(tiny_seg_run / "model.card.json")
+    cropper = LungCropper(str(tiny_seg_run), card.weights_sha256, 0.05)
+    kept = []
+    for name in ("00870a9c", "08d780ae"):
+        image, _ = read_image(lung_masks / "images" / f"{name}.jpg")
+        top, bottom, left, right = cropper.box(image)
+        lungs = read_mask(lung_masks / "masks" / f"{name}.png") == FOREGROUND
+        kept.append(lungs[top:bottom, left:right].sum() / lungs.sum())
+        assert (bottom - top) * (right - left) < 0.9 * image.size  # it does cut something away
+        assert cropper(image).shape == (bottom - top, right - left)
+    assert min(kept) > 0.9, kept
+    assert cropper.box(np.zeros((256, 256), np.float32)) is None  # no lungs: the image is left whole
+
+
+def test_lung_crop_run_carries_its_lung_model(tiny_seg_run, cxr_tiny, tmp_path):
+    from helpers import train
+
+    from medlens.data.cache import preprocess, preprocess_key
+    from medlens.data.readers import read_image
+    from medlens.inference import Predictor
+
+    seg_card = json.loads((tiny_seg_run / "model.card.json").read_text())
+    card = train(cxr_tiny, tmp_path / "run", "--set", f"data.lung_crop={tiny_seg_run}")
+    crop = card["preprocess"]["lung_crop"]
+    assert crop["weights_sha256"] == seg_card["weights_sha256"] and crop["margin"] == 0.05
+    moved = shutil.move(tmp_path / "run", tmp_path / "elsewhere")  # the run is self-contained
+    predictor = Predictor.from_run(moved)
+    path = next((cxr_tiny / "test" / "PNEUMONIA").iterdir())
+    image, _ = read_image(path)
+    top, bottom, left, right = predictor.crop_box(image)
+    size = card["input_size"]
+    by_hand = preprocess(image[top:bottom, left:right], size)
+    assert np.array_equal(predictor.prepare(image)[0, 0].numpy(), by_hand)
+    assert not np.array_equal(by_hand, preprocess(image, size))
+    assert preprocess_key(size, card["preprocess"]) != preprocess_key(size)
+    shutil.rmtree(Path(moved) / "lung_seg")
+    with pytest.raises(DataError, match="lung_seg"):
+        Predictor.from_run(moved)

@@ -34,6 +34,10 @@ class DataConfig:
     equalize: str = "none"
     clahe_clip: float = 0.01
     clahe_tiles: int = 8
+    # anatomy-aware crop: a lung segmentation run (``medlens.seg.crop``); each image is cut to the lungs' box plus
+    # this margin (share of the box per side) before the resize. "" = no crop
+    lung_crop: str = ""
+    lung_crop_margin: float = 0.05
 
     def preprocess_options(self) -> dict[str, Any]:
         """The ``preprocess`` options of these settings (what the model card's ``preprocess`` records): ``{}`` for

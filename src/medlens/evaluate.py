@@ -147,7 +147,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
                         len(overlap), sorted(overlap)[:3])
     cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     loaded = cache.load(table, idx, card.input_size, strict=cfg.data.strict, progress=progress,
-                        options=card.preprocess)
+                        options=card.preprocess, crop=predictor.crop)
     y = table.labels[loaded.keep].astype(int)
     logits = predict_logits(predictor.model, loaded.images, intensity=card.intensity, device=predictor.device)
     prob = probabilities(logits, card.temperature)[:, card.positive_class]

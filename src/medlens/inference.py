@@ -22,6 +22,7 @@ from medlens.domain import DomainGate, apply_verdict
 from medlens.errors import ConfigError, DataError
 from medlens.forward import decide, predict_logits, probabilities, resolve_device
 from medlens.models.card import ModelCard, load_checkpoint
+from medlens.seg.crop import LungCropper, lung_cropper
 from medlens.uncertainty import UNCERTAINTY_METHODS, predictive
 
 
@@ -32,6 +33,8 @@ class Predictor:
     device: torch.device
     #: the out-of-domain gates (``medlens.domain``): DICOM metadata, content and the learned in-domain score
     gate: DomainGate | None = None
+    #: the lung crop of an anatomy-aware run (``medlens.seg.crop``), else ``None``
+    crop: LungCropper | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
@@ -43,12 +46,18 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        return cls(model=model, card=card, device=dev, gate=DomainGate.for_run(run_dir, card.domain))
+        return cls(model=model, card=card, device=dev, gate=DomainGate.for_run(run_dir, card.domain),
+                   crop=lung_cropper(card.preprocess, run_dir))
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training (the card's size and
         ``preprocess`` options, e.g. CLAHE)."""
-        return torch.from_numpy(preprocess(image, self.card.input_size, options=self.card.preprocess))[None, None]
+        return torch.from_numpy(preprocess(image, self.card.input_size, options=self.card.preprocess,
+                                           crop=self.crop))[None, None]
+
+    def crop_box(self, image: np.ndarray) -> tuple[int, int, int, int] | None:
+        """Where ``prepare`` cuts ``image`` (top, bottom, left, right), or ``None`` when it keeps all of it."""
+        return self.crop.box(image) if self.crop is not None else None
 
     def predict_images(self, images: torch.Tensor) -> np.ndarray:
         """Positive-class probabilities for uint8 images (N, 1, S, S)."""

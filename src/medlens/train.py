@@ -47,6 +47,7 @@ from medlens.metrics import binary_metrics, choose_threshold, expected_calibrati
 from medlens.models import create_model
 from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
 from medlens.models.ensemble import ENSEMBLE, Ensemble, ensemble_spec
+from medlens.seg.crop import LUNG_DIR, install_lung_model, lung_cropper
 from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
 
 log = logging.getLogger("medlens.train")
@@ -87,7 +88,7 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True, options: dict | None = None):
+def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True, crop=None, options: dict | None = None):
     """Discover the data set, split it by patient and load train + val through the cache (never test).
 
     ``options``: the ``preprocess`` options (default: the config's ``data.equalize`` settings; a finished run's
@@ -102,7 +103,7 @@ def load_split_data(cfg: Config, data: str | Path, *, progress: bool = True, opt
     assert_patient_disjoint(table, split)
     cache = TensorCache(Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
     loaded = {name: cache.load(table, split[name], cfg.data.image_size, strict=cfg.data.strict, progress=progress,
-                               options=options)
+                               options=options, crop=crop)
               for name in ("train", "val")}
     return table, split, loaded
 
@@ -209,9 +210,13 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         create_model(cfg.model.name, num_classes=2, in_chans=1, **cfg.model.args)
     make_loss(tc.imbalance, torch.ones(2))
     preprocess = cfg.data.preprocess_options()  # a bad data.equalize fails before any decoding
+    crop = None
+    if cfg.data.lung_crop:  # the lung model travels with the run (RUN/lung_seg), named by its weights in the card
+        preprocess["lung_crop"] = install_lung_model(cfg.data.lung_crop, run_dir, cfg.data.lung_crop_margin)
+        crop = lung_cropper(preprocess, run_dir)
     cfg.save(rundir.config_path(run_dir))
 
-    table, split, loaded = load_split_data(cfg, data, progress=progress, options=preprocess)
+    table, split, loaded = load_split_data(cfg, data, progress=progress, options=preprocess, crop=crop)
     manifest = split_manifest(table, split)
     rundir.split_path(run_dir).write_text(json.dumps(manifest, indent=1))
     skipped = [s for part in loaded.values() for s in part.skipped]
@@ -257,6 +262,8 @@ def _fit(cfg: Config, data: str | Path, run_dir: Path, *, resume: bool, progress
         # each member is a run of its own: `medlens evaluate` works on it
         for path in (rundir.config_path, rundir.split_path):
             shutil.copyfile(path(run_dir), path(member_dir))
+        if crop is not None:
+            shutil.copytree(run_dir / LUNG_DIR, member_dir / LUNG_DIR, dirs_exist_ok=True)
         finished = member_dir / "model.card.json"
         if resume and finished.exists():
             model, _ = load_checkpoint(member_dir, map_location=device)
@@ -492,7 +499,8 @@ def recalibrate(run_dir: str | Path, data: str | Path, *, overrides: list[str] |
     cfg = apply_overrides(rundir.run_config(run_dir), overrides or [])
     device = resolve_device(cfg.train.device)
     model, old = load_checkpoint(run_dir, map_location=device)
-    table, split, loaded = load_split_data(cfg, data, progress=progress, options=old.preprocess)
+    table, split, loaded = load_split_data(cfg, data, progress=progress, options=old.preprocess,
+                                           crop=lung_cropper(old.preprocess, run_dir))
     if split_manifest(table, split)["hash"] != old.split_hash:
         raise DataError(f"{data}: the validation split made from this data differs from the run's",
                         hint="recalibrate with the data the run was trained on")

@@ -169,7 +169,8 @@ def lung_energy(predictor: Predictor, masks_root: str | Path, cfg: Config, *, li
     "ignore" (127), against the lungs' share of those pixels (what an evenly spread map would give).
 
     Images and masks are squashed to the model's input size exactly as ``preprocess`` does (masks with
-    nearest-neighbour), so map and mask stay aligned."""
+    nearest-neighbour), so map and mask stay aligned; for an anatomy-aware run the mask is cut to the same lung
+    crop as the image first, so the share is measured in the frame the model sees."""
     card = predictor.card
     size = card.input_size
     pairs = mask_pairs(masks_root)[:limit]
@@ -198,7 +199,12 @@ def lung_energy(predictor: Predictor, masks_root: str | Path, cfg: Config, *, li
     for image_path, mask_path in pairs:
         try:
             image, _ = read_image(image_path)
-            mask = np.asarray(Image.open(mask_path).convert("L").resize((size, size), Image.NEAREST))
+            full = Image.open(mask_path).convert("L")
+            box = predictor.crop_box(image)  # an anatomy-aware run sees the lung crop: cut the mask the same way
+            if box is not None:
+                top, bottom, left, right = box
+                full = full.resize(image.shape[1::-1], Image.NEAREST).crop((left, top, right, bottom))
+            mask = np.asarray(full.resize((size, size), Image.NEAREST))
         except (DataError, OSError) as exc:
             skipped.append(f"{image_path.name}: {getattr(exc, 'message', exc)}")
             continue

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +54,10 @@ _PARALLEL_MIN = 64  # fewer images than this are decoded in this process
 EQUALIZE = ("none", "hist", "clahe")
 CLAHE_CLIP, CLAHE_TILES = 0.01, 8  # scikit-image's defaults: clip limit 0.01, contextual regions 1/8 of each side
 #: every key ``options`` may hold (a step added to ``preprocess`` adds its keys here and in ``preprocess_options``)
-OPTION_KEYS = ("equalize", "clip", "tiles")
+OPTION_KEYS = ("equalize", "clip", "tiles", "lung_crop")
+#: ``options["lung_crop"]``: crop to the lungs found by a segmentation model (``medlens.seg.crop``), identified by
+#: its weights; ``margin`` is added on each side as a share of the box
+LUNG_CROP_KEYS = ("model_id", "weights_sha256", "margin")
 
 
 def preprocess_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -80,6 +85,16 @@ def preprocess_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
             raise ConfigError(f"CLAHE tiles {tiles!r} must be a whole number >= 1",
                               hint=f"the default is {CLAHE_TILES} (tiles per side)")
         out.update(equalize="clahe", clip=float(clip), tiles=int(tiles))
+    crop = options.get("lung_crop")
+    if crop:
+        if not isinstance(crop, dict) or not isinstance(crop.get("weights_sha256"), str):
+            raise ConfigError(f"preprocessing option lung_crop={crop!r} must name the segmentation model's weights",
+                              hint="{'model_id': ..., 'weights_sha256': ..., 'margin': 0.05}")
+        margin = crop.get("margin", 0.05)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 0.5:
+            raise ConfigError(f"lung crop margin {margin!r} must be a number in [0, 0.5]")
+        out["lung_crop"] = {"model_id": str(crop.get("model_id", "")), "weights_sha256": crop["weights_sha256"],
+                            "margin": float(margin)}
     return out
 
 
@@ -102,7 +117,8 @@ def equalize(image: np.ndarray, options: dict[str, Any]) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def preprocess(image: np.ndarray, size: int, *, options: dict[str, Any] | None = None) -> np.ndarray:
+def preprocess(image: np.ndarray, size: int, *, options: dict[str, Any] | None = None,
+               crop: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """A decoded image (float HxW in [0, 1], or uint8) -> uint8 ``(size, size)``. THE network preprocessing.
 
     ``options`` (``preprocess_options``; a model card's ``preprocess``): ``{"equalize": "hist" | "clahe", ...}``
@@ -112,6 +128,10 @@ def preprocess(image: np.ndarray, size: int, *, options: dict[str, Any] | None =
     of the shared data) ~470 ms before the resize against ~22 ms after, but on images not already at the input
     size the two results differ by ~6-13 grey levels on average (up to 37-62): not equivalent, so the slower,
     size-independent order is kept. The tensor cache pays the cost once per image; Kermany's files are 224 px.
+
+    ``options["lung_crop"]`` crops the decoded image to the lungs first (before equalising, so the histogram is
+    the lungs'); ``crop`` is the callable that does it (``medlens.seg.crop.LungCropper``, which holds the
+    segmentation model the options name). It is passed, not looked up, so this module needs no model code.
 
     The image is squashed to a square (the aspect ratio is not kept, nothing is cropped or padded: a
     radiograph's edges hold anatomy, and the Kermany train/test images were already squashed to 224x224 by
@@ -127,10 +147,16 @@ def preprocess(image: np.ndarray, size: int, *, options: dict[str, Any] | None =
     if arr.ndim != 2:
         raise ValueError(f"preprocess expects a 2-D grey image, got shape {arr.shape}")
     opts = preprocess_options(options)
+    if "lung_crop" in opts and crop is None:
+        raise ConfigError("this model was trained on images cropped to the lungs, but no lung segmentation model "
+                          "was given to crop with", hint="load the run with medlens (it keeps its lung model in "
+                                                          "RUN/lung_seg/)")
     if arr.dtype == np.uint8:
         if arr.shape == (size, size) and not opts:
             return np.ascontiguousarray(arr)
         arr = arr.astype(np.float32) / 255.0
+    if "lung_crop" in opts:
+        arr = crop(np.asarray(arr, dtype=np.float32))
     arr = equalize(np.asarray(arr, dtype=np.float32), opts)
     if arr.shape != (size, size):
         resized = Image.fromarray(arr, mode="F").resize((size, size), Image.BILINEAR)
@@ -150,7 +176,7 @@ def preprocess_key(size: int, options: dict[str, Any] | None = None) -> str:
     opts = preprocess_options(options)
     if opts:
         digest = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:10]
-        key += f"-{opts.get('equalize', 'opts')}-{digest}"
+        key += f"-{opts.get('equalize', 'none')}{'-lung' if 'lung_crop' in opts else ''}-{digest}"
     return key
 
 
@@ -178,12 +204,12 @@ class CachedImages:
         return len(self.keep)
 
 
-def _decode_file(path: str, size: int, options: dict[str, Any] | None = None
+def _decode_file(path: str, size: int, options: dict[str, Any] | None = None, crop=None
                  ) -> tuple[np.ndarray | None, str | None]:
     """Worker: read + preprocess one file. Errors come back as text (they must cross a process boundary)."""
     try:
         image, _ = _readers.read_image(path)
-        return preprocess(image, size, options=options), None
+        return preprocess(image, size, options=options, crop=crop), None
     except DataError as e:
         reason = e.message
     except Exception as e:  # noqa: BLE001 - a reader bug must not kill a 100k-image decode
@@ -192,9 +218,9 @@ def _decode_file(path: str, size: int, options: dict[str, Any] | None = None
     return None, reason[len(prefix):] if reason.startswith(prefix) else reason
 
 
-def _decode_chunk(args: tuple[list[str], int, dict[str, Any]]) -> list[tuple[np.ndarray | None, str | None]]:
-    paths, size, options = args
-    return [_decode_file(p, size, options) for p in paths]
+def _decode_chunk(args: tuple[list[str], int, dict[str, Any], Any]) -> list[tuple[np.ndarray | None, str | None]]:
+    paths, size, options, crop = args  # crop: a picklable callable (it loads its model once per process)
+    return [_decode_file(p, size, options, crop) for p in paths]
 
 
 def _hash_file(path: str) -> str | None:
@@ -289,7 +315,7 @@ class TensorCache:
         return self._npz_hashes[key]
 
     def _ensure_npz(self, prep: str, size: int, npz_path: str, split: str, index: dict,
-                    options: dict[str, Any] | None = None) -> str:
+                    options: dict[str, Any] | None = None, crop=None) -> str:
         """Make sure the whole split of an npz is cached (one pack); return the key prefix of its rows."""
         prefix = f"npz:{self._npz_hash(npz_path)}:{split}:"
         if prefix + "0" in index:
@@ -298,7 +324,7 @@ class TensorCache:
             images = np.asarray(npz[f"{split}_images"])
         if len(images) == 0:
             return prefix
-        rows = [preprocess(im, size, options=options) for im in images]
+        rows = [preprocess(im, size, options=options, crop=crop) for im in images]
         hashes = [f"{prefix}{i}" for i in range(len(rows))]
         name = "npz-" + hashlib.sha256(prefix.encode()).hexdigest()[:24]
         self._write_pack(prep, hashes, rows, size, name=name)
@@ -316,11 +342,12 @@ class TensorCache:
         progress: bool = True,
         workers: int | None = None,
         options: dict[str, Any] | None = None,
+        crop: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> CachedImages:
         """The preprocessed images of ``table`` rows ``indices`` (all rows if None), decoding only new ones.
 
         ``options``: the ``preprocess`` options (``preprocess_options``; a model card's ``preprocess``); images
-        prepared with other options are other cache entries.
+        prepared with other options are other cache entries. ``crop``: the lung cropper ``options`` may ask for.
 
         Files that cannot be read are left out and listed in ``skipped`` (the caller reports them), or
         with ``strict=True`` raise DataError listing them. ``workers``: decoding processes (default: the
@@ -344,7 +371,7 @@ class TensorCache:
             if parsed is not None:
                 npz_path, split, k = parsed
                 if (npz_path, split) not in npz_done:
-                    npz_done[(npz_path, split)] = self._ensure_npz(prep, size, npz_path, split, index, options)
+                    npz_done[(npz_path, split)] = self._ensure_npz(prep, size, npz_path, split, index, options, crop)
                 keys[pos] = f"{npz_done[(npz_path, split)]}{k}"
                 if keys[pos] not in index:
                     skipped.append((pos, item, f"no image {k} in the {split} split"))
@@ -367,7 +394,7 @@ class TensorCache:
             elif h not in missing:
                 missing[h] = path
 
-        failed = self._decode_missing(prep, size, missing, progress, workers, options)
+        failed = self._decode_missing(prep, size, missing, progress, workers, options, crop)
         index = self._refresh(prep)
         for pos, path, h in zip(file_pos, paths, hashes, strict=True):
             if h is not None and h in failed:
@@ -404,7 +431,7 @@ class TensorCache:
         )
 
     def _decode_missing(self, prep: str, size: int, missing: dict[str, str], progress: bool,
-                        workers: int | None, options: dict[str, Any] | None = None) -> dict[str, str]:
+                        workers: int | None, options: dict[str, Any] | None = None, crop=None) -> dict[str, str]:
         """Decode the files not in the cache, write them as packs; return {hash: reason} of failures."""
         if not missing:
             return {}
@@ -428,15 +455,18 @@ class TensorCache:
         try:
             if n_workers <= 1 or len(items) < _PARALLEL_MIN:
                 for h, path in items:
-                    image, error = _decode_file(path, size, options)
+                    image, error = _decode_file(path, size, options, crop)
                     self._collect(h, image, error, done_h, done_im, failed)
                     bar.update(1)
                     flush(False)
             else:
                 chunk = max(8, min(128, len(items) // (n_workers * 8) or 8))
                 batches = [items[k:k + chunk] for k in range(0, len(items), chunk)]
-                with ProcessPoolExecutor(max_workers=n_workers) as pool:
-                    results = pool.map(_decode_chunk, [([p for _, p in b], size, options) for b in batches])
+                # A crop runs a torch model in the workers: forking a process whose torch (OpenMP) thread pool is
+                # already running can deadlock the child, so those workers start fresh ("spawn").
+                context = multiprocessing.get_context("spawn") if crop is not None else None
+                with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+                    results = pool.map(_decode_chunk, [([p for _, p in b], size, options, crop) for b in batches])
                     for batch, res in zip(batches, results, strict=True):
                         for (h, _), (image, error) in zip(batch, res, strict=True):
                             self._collect(h, image, error, done_h, done_im, failed)

@@ -25,7 +25,8 @@ from medlens.metrics import bootstrap_stats
 from medlens.models.card import ModelCard, jsonable, load_checkpoint, record_evaluation
 from medlens.seg.data import FOREGROUND, IGNORE, load_pairs
 from medlens.seg.metrics import METRICS, per_image, postprocess
-from medlens.seg.train import predict_labels, split_segmentation
+from medlens.seg.predict import predict_labels
+from medlens.seg.train import split_segmentation
 
 log = logging.getLogger("medlens.seg")
 SPLITS = ("test", "val", "train", "all")

@@ -20,10 +20,28 @@ from PIL import Image
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
 from medlens.errors import DataError, MedlensError
-from medlens.forward import resolve_device
-from medlens.models.card import ModelCard, load_checkpoint
+from medlens.forward import autocast, resolve_device
+from medlens.models.card import ModelCard, load_checkpoint, normalize_batch
 from medlens.seg.data import FOREGROUND
 from medlens.seg.metrics import postprocess
+
+
+@torch.no_grad()
+def predict_labels(model: torch.nn.Module, images: torch.Tensor, *, intensity: str, device: torch.device,
+                   batch_size: int = 16, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 1, S, S) -> (labels (N, S, S) int64, foreground probability (N, S, S) float32), on CPU."""
+    model.eval()
+    labels, probs = [], []
+    for lo in range(0, len(images), batch_size):
+        x = normalize_batch(images[lo:lo + batch_size].to(device), intensity)
+        with autocast(x.device, amp):
+            p = model(x).float().softmax(1)
+        labels.append(p.argmax(1).cpu())
+        probs.append(p[:, FOREGROUND].cpu())
+    if not labels:
+        size = images.shape[-2:]
+        return torch.zeros((0, *size), dtype=torch.long), torch.zeros((0, *size))
+    return torch.cat(labels), torch.cat(probs)
 
 
 @dataclass
@@ -48,8 +66,6 @@ class Segmenter:
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """uint8 (N, 1, S, S) on the card's grid -> foreground probability (N, S, S), float32 on the CPU."""
-        from medlens.seg.train import predict_labels
-
         return predict_labels(self.model, images, intensity=self.card.intensity, device=self.device,
                               batch_size=batch_size)[1]
 

@@ -30,8 +30,9 @@ from medlens.forward import autocast, resolve_device
 from medlens.losses import SegmentationLoss
 from medlens.models import create_model
 from medlens.models.card import ModelCard, normalize_batch, save_checkpoint
-from medlens.seg.data import FOREGROUND, IGNORE, Pairs, discover_segmentation, load_pairs
+from medlens.seg.data import IGNORE, Pairs, discover_segmentation, load_pairs
 from medlens.seg.metrics import POSTPROCESS, per_image, postprocess
+from medlens.seg.predict import predict_labels
 from medlens.train import lr_schedule, seed_everything, setup_run_logging, versions
 
 log = logging.getLogger("medlens.seg")
@@ -44,24 +45,6 @@ def split_segmentation(cfg: Config, data: str | Path):
     split = patient_grouped_split(table, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
                                   test_fraction=cfg.data.test_fraction)
     return table, split
-
-
-@torch.no_grad()
-def predict_labels(model: torch.nn.Module, images: torch.Tensor, *, intensity: str, device: torch.device,
-                   batch_size: int = 16, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 1, S, S) -> (labels (N, S, S) int64, foreground probability (N, S, S) float32), on CPU."""
-    model.eval()
-    labels, probs = [], []
-    for lo in range(0, len(images), batch_size):
-        x = normalize_batch(images[lo:lo + batch_size].to(device), intensity)
-        with autocast(x.device, amp):
-            p = model(x).float().softmax(1)
-        labels.append(p.argmax(1).cpu())
-        probs.append(p[:, FOREGROUND].cpu())
-    if not labels:
-        size = images.shape[-2:]
-        return torch.zeros((0, *size), dtype=torch.long), torch.zeros((0, *size))
-    return torch.cat(labels), torch.cat(probs)
 
 
 def fit_segmentation(cfg: Config, data: str | Path, run_dir: str | Path, *, resume: bool = False,
