@@ -356,7 +356,7 @@ def test_concurrent_writers(db_url):
 
 
 def test_group_commit_writes_everything_waiting_in_one_transaction(db_url, monkeypatch):
-    from medlens.service.audit import GroupCommitter
+    from medlens.service.committer import GroupCommitter
 
     log = AuditLog(db_url)
     gate, calls = threading.Event(), []
@@ -386,7 +386,7 @@ def test_group_commit_writes_everything_waiting_in_one_transaction(db_url, monke
 
 
 def test_group_commit_survives_a_request_that_gave_up(db_url, monkeypatch):
-    from medlens.service.audit import GroupCommitter
+    from medlens.service.committer import GroupCommitter
 
     log = AuditLog(db_url)
     gate, calls = threading.Event(), []
@@ -415,7 +415,7 @@ def test_group_commit_survives_a_request_that_gave_up(db_url, monkeypatch):
 
 
 def test_group_commit_isolates_a_bad_row(db_url):
-    from medlens.service.audit import GroupCommitter
+    from medlens.service.committer import GroupCommitter
 
     log = AuditLog(db_url)
     writer = GroupCommitter(log)

@@ -2,7 +2,8 @@
 
 The database plumbing (engines, WAL and ``synchronous=FULL`` on SQLite, schema creation and the append-only
 triggers) is :mod:`medlens.service.db`; the de-identification of DICOM fields is :mod:`medlens.service.deid`.
-This module holds the table, :class:`AuditRecord`, :class:`AuditLog` and :class:`GroupCommitter`.
+This module holds the table, :class:`AuditRecord` and :class:`AuditLog`; the group-commit writer is in
+:mod:`medlens.service.committer`.
 
 Durability. :meth:`AuditLog.record` and :meth:`AuditLog.insert_rows` commit before they return; on SQLite a
 commit fsyncs the WAL, so a row the service has acknowledged survives a ``kill -9`` of the server and a power
@@ -54,7 +55,7 @@ from medlens.service.db import ROW_ID, create_engine, create_tables, engine_for,
 from medlens.service.deid import deidentify_dicom_fields, dicom_fields, keyed_hash
 
 __all__ = [
-    "COLUMNS", "AuditLog", "AuditRecord", "DuplicateRequestError", "GroupCommitter", "audit_table", "metadata",
+    "COLUMNS", "AuditLog", "AuditRecord", "DuplicateRequestError", "audit_table", "metadata",
     # defined in medlens.service.db / medlens.service.deid; importable from here as before the split
     "create_engine", "deidentify_dicom_fields", "dicom_fields", "keyed_hash", "utc_iso",
 ]
@@ -389,110 +390,3 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class GroupCommitter:
-    """Group commit for the audit trail: one writer thread, one transaction for every row waiting.
-
-    A durable commit (an fsync) costs milliseconds however many rows it holds. Requests hand their prepared row
-    to :meth:`submit` and wait on the returned future; the writer takes everything queued, writes it with
-    :meth:`AuditLog.insert_rows` in one transaction, and resolves each future only after that commit. So a
-    request is still answered only once its own row is durable, while 16 concurrent requests share a commit
-    instead of queueing for 16. No deliberate wait: a batch is what arrived during the previous commit. If
-    a batch fails, its rows are retried one by one, so one bad row fails only its own request.
-    """
-
-    def __init__(self, audit: AuditLog, *, max_rows: int = 256):
-        import queue
-        import threading
-
-        self.audit = audit
-        self.max_rows = max_rows
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = object()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="medlens-audit-writer", daemon=True)
-        self._thread.start()
-        self.commits = 0
-        self.rows = 0
-
-    def submit(self, row: dict[str, Any]):
-        """Queue a prepared row; the ``concurrent.futures.Future`` resolves to True/False (inserted / duplicate)
-        after the commit that holds it, or to the exception that stopped it."""
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        if self._closed:
-            future.set_exception(RuntimeError("the audit writer has stopped"))
-            return future
-        self._queue.put((row, future))
-        return future
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer thread; rows submitted after this fail at once."""
-        self._closed = True
-        self._queue.put(self._stop)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        import queue
-
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            stopping = item is self._stop
-            batch = [] if stopping else [item]
-            while len(batch) < self.max_rows:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is self._stop:
-                    stopping = True
-                    continue
-                batch.append(more)
-            if batch:
-                try:
-                    self._write(batch)
-                except BaseException as exc:  # noqa: BLE001 - never let the writer die with requests waiting
-                    for _, future in batch:
-                        _resolve(future, exc=exc)
-        while True:  # anything that raced past the stop marker: refuse it rather than leave it waiting
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not self._stop:
-                _resolve(item[1], exc=RuntimeError("the audit writer has stopped"))
-
-    def _write(self, batch: list) -> None:
-        try:
-            results = self.audit.insert_rows([row for row, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - isolate the failing row: retry each in its own transaction
-            _log.warning("audit batch of %d rows failed (%s: %s); retrying row by row", len(batch),
-                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            for row, future in batch:
-                try:
-                    _resolve(future, result=self.audit.insert_rows([row])[0])
-                except Exception as exc2:  # noqa: BLE001 - handed to the waiting request
-                    _resolve(future, exc=exc2)
-            return
-        self.commits += 1
-        self.rows += len(batch)
-        for (_, future), inserted in zip(batch, results, strict=True):
-            _resolve(future, result=inserted)
-
-
-def _resolve(future, *, result: Any = None, exc: BaseException | None = None) -> None:
-    """Settle a future unless its request gave up (cancelled): the row is written either way."""
-    from concurrent.futures import InvalidStateError
-
-    if future.done():
-        return
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except InvalidStateError:  # cancelled between the check and the call
-        pass

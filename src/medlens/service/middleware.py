@@ -2,7 +2,8 @@
 
 Every request to ``/v1/...`` gets exactly one audit row, whatever its outcome (401, 413, 429 and 504
 included), written when the response starts and *before* any of it is sent: a client that received an answer
-knows it is in the audit trail. If the row cannot be written the client gets a 503 instead of the answer. The
+knows it is in the audit trail. If the row cannot be written the client gets a 503 instead of the answer, and the
+row says so (status 503, withheld; never the prediction): the invariant and its paths are in docs/AUDIT.md. The
 request id (a UUID, also the prediction id) is returned in ``X-Request-ID``. A bug in a handler is logged with
 its traceback and answered 500 with one sentence; a traceback never reaches a client.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 from starlette.datastructures import MutableHeaders
 
+from medlens.service.committer import WITHHELD
 from medlens.service.context import API_PREFIX, RequestContext, printable
 from medlens.service.state import ServiceState
 
@@ -149,9 +151,22 @@ class ServiceMiddleware:
             writer = state.audit_writer
             if writer is None:  # stopping: write it directly
                 await anyio.to_thread.run_sync(state.audit.insert_rows, [row])
-            else:
-                # resolves after the commit that holds the row; a database that does not answer gives a 503
-                await asyncio.wait_for(asyncio.wrap_future(writer.submit(row)), AUDIT_TIMEOUT_S)
+                return True
+            # resolves after the commit that holds the row. A row not claimed by the writer within
+            # AUDIT_TIMEOUT_S is withdrawn: its withheld version (503, the reason, no prediction) is written in its
+            # place and the client gets 503. A row the writer already claimed is waited for: its one transaction
+            # is bounded by the database's lock timeout, and its outcome decides the answer (docs/AUDIT.md).
+            future = writer.submit(row, deadline=time.monotonic() + AUDIT_TIMEOUT_S)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), AUDIT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                reason = (f"the audit trail did not record the answer within {AUDIT_TIMEOUT_S:g} s, so it was "
+                          "withheld (503)")
+                if writer.withdraw(future, reason):
+                    raise
+                result = await asyncio.wrap_future(future)
+            if result == WITHHELD:
+                raise RuntimeError("the row was claimed after its deadline and written as withheld")
             return True
         except Exception as exc:  # noqa: BLE001 - a database failure: logged, and the answer withheld
             state.metrics.audit_failures.inc()

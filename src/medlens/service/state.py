@@ -1,7 +1,7 @@
 """The service's state and life cycle: what the endpoints share, opened in the app's lifespan.
 
 :class:`ServiceState` loads the model (:class:`~medlens.inference.Predictor`), opens the audit trail and its
-group-commit writer (:class:`~medlens.service.audit.GroupCommitter`), the API keys and the rate limiter, and
+group-commit writer (:class:`~medlens.service.committer.GroupCommitter`), the API keys and the rate limiter, and
 starts the model runner (:class:`~medlens.service.batching.MicroBatcher`, or one forward pass per request with
 ``batching=False``). :class:`InputCache` holds recent inputs for heat maps.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import medlens
-from medlens.service.audit import GroupCommitter
+from medlens.service.committer import GroupCommitter
 from medlens.service.metrics import ServiceMetrics
 from medlens.service.settings import ServiceSettings
 
