@@ -88,7 +88,7 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", ROOT.parent / "shared" / "da
 DEFAULT_IMAGES = SHARED / "chest_xray" / "test"
 DEFAULT_RESULT = ROOT / "bench" / "results" / "load_service-cpu.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
-MODES = {"batching": [], "no-batching": ["--no-batching"]}
+MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"]}
 #: the server's environment on top of the caller's (minus the caller's MEDLENS_* settings)
 SERVER_ENV = {"MEDLENS_RATE_LIMIT_PER_MINUTE": "0"}
 READY_TIMEOUT_S = 180.0
@@ -649,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
     p.add_argument("--warmup", type=float, default=5.0, help="load before the window, not in the statistics")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    p.add_argument("--modes", default="batching,no-batching", help="comma-separated: batching, no-batching")
+    p.add_argument("--modes", default="batching,no-batching",
+                   help="comma-separated: batching, no-batching, workers-2 (two server processes, one database)")
     p.add_argument("--repeats", type=int, default=2,
                    help="rounds; each runs every mode once, in the order A B A B ... (at least 2: a spread needs "
                         "two runs)")

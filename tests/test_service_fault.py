@@ -17,6 +17,7 @@ fresh SQLite audit database. A few client threads post real X-rays over loopback
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sqlite3
@@ -36,6 +37,8 @@ httpx = require_module("httpx")
 from medlens.cli import main  # noqa: E402
 from medlens.service.audit import AuditLog  # noqa: E402
 from medlens.service.settings import database_url  # noqa: E402
+
+pytest_plugins = ["service_pg"]
 
 CLIENTS = 4
 ACKS_BEFORE_KILL = 20
@@ -60,16 +63,18 @@ def _server_env() -> dict[str, str]:
 
 
 class Server:
-    """``medlens serve RUN`` in its own process on a free loopback port, logging to a file."""
+    """``medlens serve RUN [--workers N]`` in its own process group on a free loopback port, logging to a file."""
 
-    def __init__(self, run: Path, db: Path, log: Path):
+    def __init__(self, run: Path, db: Path | str, log: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        extra = ["--workers", str(workers)] if workers > 1 else []
         with open(log, "ab") as out:  # a file, not a pipe: nobody reads a pipe while the server runs
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "medlens.cli", "serve", str(run), "--port", str(self.port), "--db", str(db)],
-                stdout=out, stderr=subprocess.STDOUT, env=_server_env(), cwd=db.parent)
+                [sys.executable, "-m", "medlens.cli", "serve", str(run), "--port", str(self.port), "--db", str(db),
+                 *extra], stdout=out, stderr=subprocess.STDOUT, env=_server_env(), cwd=log.parent,
+                start_new_session=True)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -95,6 +100,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # worker processes left behind, if any
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _post(client: httpx.Client, key: str, image: Path) -> httpx.Response:
@@ -219,3 +226,66 @@ def test_kill_9_under_load_loses_no_acknowledged_audit_row(run_dir, kermany, tmp
     assert len(rows) == len({rid for rid, _ in rows}) == total + 1
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_kill_9_of_two_server_processes_loses_no_acknowledged_audit_row(run_dir, kermany, db_url, tmp_path, capsys):
+    """``medlens serve --workers 2`` on one audit database (SQLite WAL across processes, or PostgreSQL): under load
+    from several clients the whole process group gets SIGKILL; every acknowledged prediction has exactly one row
+    with status 200, and a restart serves them."""
+    assert main(["keys", "create", "fault-client", "--role", "clinician", "--db", db_url]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    images = [p for cls in ("NORMAL", "PNEUMONIA") for p in sorted((kermany / "test" / cls).iterdir())[:4]]
+    server = Server(run_dir, db_url, tmp_path / "workers.log", workers=2)
+    acknowledged: list[str] = []
+    lock, enough, killed = threading.Lock(), threading.Event(), threading.Event()
+    try:
+        server.wait_ready()
+        children = subprocess.run(["pgrep", "-g", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3, f"expected a supervisor and two workers, found {children}"
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=30.0) as http:
+                n = k
+                while not killed.is_set():
+                    try:
+                        r = _post(http, key, images[n % len(images)])
+                    except httpx.TransportError:
+                        if killed.is_set():
+                            return
+                        time.sleep(0.05)
+                        continue
+                    n += CLIENTS
+                    if r.status_code == 200:
+                        with lock:
+                            acknowledged.append(r.headers["x-request-id"])
+                            if len(acknowledged) >= ACKS_BEFORE_KILL:
+                                enough.set()
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        assert enough.wait(LOAD_TIMEOUT_S), f"only {len(acknowledged)} acknowledged:\n{server.tail()}"
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the supervisor and both workers at once
+        server.proc.wait(10)
+        killed.set()
+        for t in threads:
+            t.join(40)
+        with lock:
+            acked = list(acknowledged)
+    finally:
+        server.close()
+    with AuditLog(db_url) as log:
+        rows = log.list(100000, action="predict")
+        ids = collections.Counter(r.request_id for r in rows)
+        assert not [rid for rid, n in ids.items() if n > 1], "a request id is in the audit trail twice"
+        for rid in acked:
+            row = log.get(rid)
+            assert row is not None and row.status == 200 and row.output["id"] == rid, rid
+        assert len(set(ids) - set(acked)) <= CLIENTS  # at most the requests in flight at the kill
+    server = Server(run_dir, db_url, tmp_path / "workers-2.log", workers=2)
+    try:
+        server.wait_ready()
+        old = httpx.get(f"{server.url}/v1/predictions/{acked[0]}", headers={"Authorization": f"Bearer {key}"})
+        assert old.status_code == 200 and old.json()["id"] == acked[0]
+    finally:
+        server.close()

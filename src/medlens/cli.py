@@ -275,6 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from medlens.service.app import create_app
         from medlens.service.settings import ServiceSettings
+        from medlens.service.transport import uvicorn_options
     except ImportError as exc:
         raise MedlensError(f"the service needs packages that are not installed ({exc.name})",
                            hint="pip install 'medlens[service]'") from exc
@@ -285,11 +286,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MedlensError(f"run directory '{run}' does not exist", hint="pass the --out folder of `medlens train`")
     _find_card(run)  # no card: one clear message now rather than a failed start-up later
     settings = ServiceSettings.load(run, database=args.db)
+    if getattr(args, "workers", 1) > 1:
+        return _serve_workers(args, run, settings)
     app = create_app(run, settings, batching=not args.no_batching)
     print(f"medlens: serving {run} on http://{args.host}:{args.port} (API docs at /docs; "
           f"{'micro-batching' if not args.no_batching else 'no batching'}); create keys with "
           "`medlens keys create NAME --role clinician --db ...`", file=sys.stderr)
+    # uvicorn_options: the header timeout (slow clients), keep-alive, header size and trusted proxies of settings
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10,
+                access_log=not getattr(args, "no_access_log", False), **uvicorn_options(settings))
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, run: Path, settings) -> int:
+    """``--workers N``: N server processes on one port (uvicorn's supervisor), each with its own model and audit
+    writer, all on the one audit database (SQLite in WAL mode across processes, or PostgreSQL), so every process
+    keeps the audit guarantees (docs/AUDIT.md). The app is built in each process from the environment."""
+    import uvicorn
+
+    from medlens.service.app import SERVE_ENV
+
+    if settings.database_url.startswith("sqlite") and ":memory:" in settings.database_url:
+        raise MedlensError("--workers needs an audit database on disk or PostgreSQL, not an in-memory SQLite one")
+    from medlens.service.audit import AuditLog
+    from medlens.service.auth import KeyStore
+
+    # create the tables once, here, before N processes start (two creating them at once would race)
+    AuditLog(settings.database_url).close()
+    KeyStore(settings.database_url).close()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.update({SERVE_ENV["run"]: str(run.resolve()), SERVE_ENV["database"]: settings.database_url,
+                       SERVE_ENV["batching"]: "0" if args.no_batching else "1",
+                       SERVE_ENV["model_workers"]: str(max(1, cores // args.workers))})
+    print(f"medlens: serving {run} on http://{args.host}:{args.port} with {args.workers} processes sharing "
+          f"{settings.database_url.split('://')[0]} audit database", file=sys.stderr)
+    uvicorn.run("medlens.service.app:app_from_env", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="info", timeout_graceful_shutdown=10,
                 access_log=not getattr(args, "no_access_log", False))
     return 0
 
@@ -392,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--db", default=None, metavar="URL", help="audit / key database: URL or SQLite file (default: "
                                                               "MEDLENS_DATABASE_URL, else RUN/audit.db)")
+    sv.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="server processes (default 1); they share the audit database (SQLite WAL or PostgreSQL)")
     sv.add_argument("--no-batching", action="store_true",
                     help="one forward pass per request instead of micro-batching (for comparison)")
     sv.add_argument("--no-access-log", action="store_true",

@@ -6,20 +6,25 @@ app's lifespan. Endpoints (all described in ``/openapi.json``, browsable at ``/d
 =========================================  ==========  ===============================================
 ``POST /v1/predictions``                   clinician   multipart upload (field ``file``: PNG / JPEG /
                                                        DICOM; ``uncertainty`` softmax|mc|tta|ensemble)
-``GET /v1/predictions/{id}``               viewer      a past prediction, from its audit row
-``GET /v1/predictions/{id}/heatmap.png``   viewer      Grad-CAM overlay of the label shown
+``GET /v1/predictions/{id}``               clinician   a past prediction, from its audit row (own; admin: all)
+``GET /v1/predictions/{id}/heatmap.png``   clinician   Grad-CAM overlay of the label shown (own; admin: all)
 ``GET /v1/models``                         viewer      the served model's card summary and policy hash
 ``GET /v1/audit``                          admin       the audit trail, newest first
-``GET /healthz`` / ``/readyz``             open        process alive / model loaded and database up
-``GET /metrics``                           open        Prometheus text format
+``GET /healthz`` / ``/readyz``             open        process alive / model loaded and the audit trail commits
+``GET /metrics``                           open        Prometheus text format (operational series; with an
+                                                       admin key also the prediction distribution)
 ``GET /``                                  open        the web viewer (``static/index.html``)
 =========================================  ==========  ===============================================
 
 Keys: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (``medlens keys create NAME --role ROLE``).
 No key, a malformed ``Authorization`` header, or an unknown or revoked key is 401, a role without the rights
-403, too many requests for one key 429 (with ``Retry-After``). CORS is off unless ``cors_origins`` is set.
+403, too many requests for one key 429 (with ``Retry-After``), and so are too many requests without a valid key
+from one address (:mod:`medlens.service.limits`; ``/healthz`` and ``/readyz`` exempt). A clinician reads only
+their own predictions and heat maps (another user's id is a 404, like an unknown one), an admin all of them; a
+viewer reads the model information only. CORS is off unless ``cors_origins`` is set.
 
-Every request to ``/v1/...`` gets exactly one audit row, whatever its outcome (401, 413 and 429 included),
+Every request to ``/v1/...`` with a valid key gets exactly one audit row, whatever its outcome (413 and 429
+included; requests without a valid key: their own row up to a few per address a minute, then one summary row),
 written by :class:`~medlens.service.middleware.ServiceMiddleware` when the response starts and *before* any
 of it is sent: a client that received a prediction knows it is in the audit trail. If the row cannot be
 written the client gets a 503 instead of the answer. The request id (a UUID, also the prediction id) is
@@ -57,12 +62,27 @@ from starlette.exceptions import HTTPException
 import medlens
 from medlens.errors import MedlensError
 from medlens.service.context import printable, request_context
+from medlens.service.limits import ClientLimits
 from medlens.service.middleware import ServiceMiddleware
 from medlens.service.routes import audit, models, operations, predictions
 from medlens.service.settings import ServiceSettings
 from medlens.service.state import INPUT_CACHE_SIZE, ServiceState, lifespan
 
 __all__ = ["create_app"]
+
+
+#: the environment ``medlens serve --workers N`` hands to each server process (see :func:`app_from_env`)
+SERVE_ENV = {"run": "MEDLENS_SERVE_RUN", "database": "MEDLENS_SERVE_DATABASE", "batching": "MEDLENS_SERVE_BATCHING",
+             "model_workers": "MEDLENS_SERVE_MODEL_WORKERS"}
+
+
+def app_from_env() -> FastAPI:
+    """The app of one of ``medlens serve --workers N``'s processes (uvicorn calls this factory in each): the run,
+    the shared audit database and the per-process model workers come from :data:`SERVE_ENV`."""
+    run = os.environ[SERVE_ENV["run"]]
+    settings = ServiceSettings.load(run, database=os.environ[SERVE_ENV["database"]])
+    return create_app(run, settings, batching=os.environ.get(SERVE_ENV["batching"], "1") == "1",
+                      workers=int(os.environ.get(SERVE_ENV["model_workers"], "1")))
 
 
 def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = None, *, batching: bool = True,
@@ -108,6 +128,7 @@ def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = No
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
                            expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(ClientLimits, state=state)  # inside ServiceMiddleware: its 429 / 408 are audited
     app.add_middleware(ServiceMiddleware, state=state)
     _add_error_handlers(app)
     for router in (predictions.router, models.router, audit.router, operations.router):

@@ -212,6 +212,16 @@ class RateLimiter:
                 self._forget_full(now)
         return result
 
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` has a token (0.0: one is there now); takes nothing."""
+        if self.per_minute == 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            tokens, last = self._buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + max(0.0, now - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def _forget_full(self, now: float) -> None:
         full = [k for k, (tokens, last) in self._buckets.items()
                 if tokens + (now - last) * self.rate >= self.capacity]

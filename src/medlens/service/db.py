@@ -32,6 +32,7 @@ _WRITE = "medlens_write"  # execution option: this transaction writes (SQLite: B
 _SCHEMA_LOCK = 0x6D6C656E  # PostgreSQL advisory lock id serialising schema creation ("mlen")
 #: the type of an auto-incrementing row id: BIGINT, but INTEGER on SQLite (INTEGER PRIMARY KEY = the rowid)
 ROW_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for a lock held by another
 
 
 def create_engine(url: str) -> Engine:
@@ -74,7 +75,7 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     try:
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: durable across power loss
     finally:
@@ -96,12 +97,30 @@ def engine_for(target: str | Engine) -> tuple[Engine, bool]:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A connection in a write transaction: committed when the block ends, rolled back if it raises."""
+def write_transaction(engine: Engine, *, lock_timeout_s: float | None = None) -> Iterator[Connection]:
+    """A connection in a write transaction: committed when the block ends, rolled back if it raises.
+
+    ``lock_timeout_s``: wait at most this long for a lock (SQLite's busy timeout, PostgreSQL's ``lock_timeout``
+    and ``statement_timeout``) instead of the engine's 30 s, for a probe that must answer quickly (``/readyz``).
+    """
     with engine.connect() as conn:
         conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            yield conn
+        sqlite = conn.dialect.name == "sqlite" and lock_timeout_s is not None
+        if sqlite:  # set on the driver's connection, outside any transaction, and put back after
+            conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={max(1, round(lock_timeout_s * 1000))}")
+        try:
+            with conn.begin():
+                if lock_timeout_s is not None and conn.dialect.name == "postgresql":
+                    ms = max(1, round(lock_timeout_s * 1000))
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+                    conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+                yield conn
+        finally:
+            if sqlite:
+                try:
+                    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                except Exception:  # noqa: BLE001 - never pool a connection left with the short timeout
+                    conn.invalidate()
 
 
 def create_append_only_triggers(conn: Connection, table: str) -> None:

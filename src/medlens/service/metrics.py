@@ -1,9 +1,17 @@
 """The service's Prometheus metrics (``GET /metrics``, text exposition format).
 
-Each app has its own :class:`ServiceMetrics` with its own registry (``prometheus_client.CollectorRegistry``),
+Each app has its own :class:`ServiceMetrics` with its own registries (``prometheus_client.CollectorRegistry``),
 so two apps in one process (tests, a load test beside a server) never mix their numbers.
 
-Exposed series (all prefixed ``medlens_``):
+Who sees what. ``/metrics`` is open (no key) but serves only operational series: counts, latencies and batch
+sizes, which say that a request happened and how long it took but nothing about what it answered. The
+prediction distribution (``predictions_total{label}``, ``predictions_referred_total`` and the
+``prediction_probability`` histogram) is in a second registry, served only with an admin key: scraped before
+and after one prediction, its label counter and the histogram's ``_sum`` gave away that prediction's label and
+exact probability to anyone who could reach the port. An admin may read every prediction in the audit trail
+anyway, so nothing new is disclosed to them (Prometheus: ``authorization: {credentials_file: ...}``).
+
+Exposed series (all prefixed ``medlens_``; the three prediction-distribution ones need an admin key):
 
 - ``http_requests_total{route, method, status}``: requests by route template (``/v1/predictions/{id}``,
   never the raw path, so ids do not explode the series count; ``unmatched`` for unknown paths).
@@ -36,20 +44,21 @@ class ServiceMetrics:
     """The counters and histograms of one service instance."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = CollectorRegistry(auto_describe=True)  # operational: open
+        self.results_registry = CollectorRegistry(auto_describe=True)  # what was predicted: admin key only
+        r, results = self.registry, self.results_registry
         self.requests = Counter("medlens_http_requests_total", "HTTP requests by route template, method and status",
                                 ("route", "method", "status"), registry=r)
         self.latency = Histogram("medlens_http_request_duration_seconds", "HTTP request latency by route template",
                                  ("route",), buckets=LATENCY_BUCKETS, registry=r)
         self.predictions = Counter("medlens_predictions_total", "Predictions returned, by uncertainty method and label",
-                                   ("method", "label"), registry=r)
+                                   ("method", "label"), registry=results)
         self.referred = Counter("medlens_predictions_referred_total",
                                 "Predictions returned with refer=true (to be read by a radiologist)", ("method",),
-                                registry=r)
+                                registry=results)
         self.probability = Histogram("medlens_prediction_probability",
                                      "Calibrated positive-class probability of the predictions returned",
-                                     ("method",), buckets=PROBABILITY_BUCKETS, registry=r)
+                                     ("method",), buckets=PROBABILITY_BUCKETS, registry=results)
         self.batch_size = Histogram("medlens_batch_size", "Images per model call (1 without micro-batching)",
                                     ("method",), buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("medlens_batch_duration_seconds", "Duration of one model call",
@@ -79,6 +88,8 @@ class ServiceMetrics:
     def set_model(self, model_id: str, weights_sha256: str, version: str) -> None:
         self.model_info.labels(model_id=model_id, weights_sha256=weights_sha256, version=version).set(1)
 
-    def render(self) -> bytes:
-        """The metrics in the Prometheus text format."""
-        return generate_latest(self.registry)
+    def render(self, *, results: bool = False) -> bytes:
+        """The metrics in the Prometheus text format: the operational series, and with ``results`` (an admin's
+        scrape) the prediction distribution too."""
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.results_registry) if results else text

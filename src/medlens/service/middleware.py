@@ -1,8 +1,10 @@
 """The service middleware: request id, request timeout, the audit row of every ``/v1`` request, metrics.
 
-Every request to ``/v1/...`` gets exactly one audit row, whatever its outcome (401, 413, 429 and 504
-included), written when the response starts and *before* any of it is sent: a client that received an answer
-knows it is in the audit trail. If the row cannot be written the client gets a 503 instead of the answer, and the
+Every request to ``/v1/...`` with a valid API key gets exactly one audit row, whatever its outcome (403, 413,
+429 and 504 included), written when the response starts and *before* any of it is sent: a client that received an
+answer knows it is in the audit trail. Requests without a valid key (401, unknown paths, the per-address 429) get
+their own row too, up to ``anonymous_audit_sample`` per address a minute; the rest are counted in one summary row
+per address a minute (:mod:`medlens.service.limits`), so a flood cannot grow the database as fast as it arrives. If the row cannot be written the client gets a 503 instead of the answer, and the
 row says so (status 503, withheld; never the prediction): the invariant and its paths are in docs/AUDIT.md. The
 request id (a UUID, also the prediction id) is returned in ``X-Request-ID``. A bug in a handler is logged with
 its traceback and answered 500 with one sentence; a traceback never reaches a client.
@@ -136,6 +138,10 @@ class ServiceMiddleware:
             return False
         card = state.card
         route = _route(scope)
+        anonymous = state.anonymous  # no valid key: beyond a few per address a minute, one summary row (.limits)
+        if ctx.user is None and anonymous is not None and await anonymous.absorbs(
+                ctx, scope, ACTIONS.get((scope["method"], route), "unknown"), status, state.keys):
+            return True
         out = ctx.output if isinstance(ctx.output, dict) and "in_domain" in ctx.output else {}
         try:
             row = state.audit.prepare(

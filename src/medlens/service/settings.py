@@ -48,6 +48,15 @@ class ServiceSettings:
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are listed
     batch_max_size: int = 16  # micro-batching: most images per model call
     batch_max_wait_ms: float = 5.0  # micro-batching: longest wait for a batch to fill
+    # clients without a valid API key, per IP address (medlens.service.limits): a token bucket (0 turns it off)
+    anonymous_rate_per_minute: int = 60
+    anonymous_burst: int = 30
+    anonymous_audit_sample: int = 5  # own audit rows per IP a minute; the rest: one summary row per IP a minute
+    trusted_proxies: tuple[str, ...] = ()  # addresses whose X-Forwarded-For is believed (none by default)
+    # slow clients (medlens.service.transport, medlens.service.limits)
+    header_timeout_s: float = 10.0  # a request's headers must be complete this long after it starts
+    body_timeout_s: float = 10.0  # a body must arrive within this, plus 1 s per body_min_rate bytes
+    body_min_rate: int = 10_000  # bytes a second that extend the body deadline (a slow, honest upload)
     audit_key_file: Path | None = None  # where the key was read from; None when given as a value
 
     @classmethod
@@ -89,6 +98,7 @@ class ServiceSettings:
         del out["audit_key"]
         out["database_url"] = redact_url(self.database_url)
         out["cors_origins"] = list(self.cors_origins)
+        out["trusted_proxies"] = list(self.trusted_proxies)
         out["audit_key_file"] = None if self.audit_key_file is None else str(self.audit_key_file)
         return out
 
@@ -166,6 +176,13 @@ def _origins(value: Any, where: str) -> tuple[str, ...]:
     return origins
 
 
+def _proxies(value: Any, where: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{where}: expected a list of IP addresses (or a comma-separated string), got {value!r}")
+    return tuple(i.strip() for i in items if i.strip())
+
+
 # file key -> parser(value, where); the environment variable is MEDLENS_ + the key in capitals
 PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "database_url": _url,
@@ -178,6 +195,13 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "cors_origins": _origins,
     "batch_max_size": _int(1),
     "batch_max_wait_ms": _float(0.0, strict=False),
+    "anonymous_rate_per_minute": _int(0),
+    "anonymous_burst": _int(1),
+    "anonymous_audit_sample": _int(0),
+    "trusted_proxies": _proxies,
+    "header_timeout_s": _float(0.0, strict=True),
+    "body_timeout_s": _float(0.0, strict=True),
+    "body_min_rate": _int(1),
 }
 
 

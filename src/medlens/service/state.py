@@ -98,6 +98,8 @@ class ServiceState:
         self.audit: Any = None
         self.keys: Any = None
         self.limiter: Any = None
+        self.anonymous: Any = None  # limits.AnonymousTraffic: requests without a valid key (per address)
+        self.readiness: Any = None  # health.ReadinessProbe: can the audit trail commit? (/readyz)
         self.runner: Any = None
         self.lock: Any = None
         self.methods: list[str] = []
@@ -130,6 +132,8 @@ class ServiceState:
         from medlens.service.auth import KeyStore, RateLimiter
         from medlens.service.batching import DirectRunner, MicroBatcher, ModelLock, default_workers
         from medlens.service.db import create_engine
+        from medlens.service.health import ReadinessProbe
+        from medlens.service.limits import AnonymousTraffic
         from medlens.uncertainty import available_methods
 
         threads = 1 if self.torch_threads is None else self.torch_threads
@@ -148,6 +152,8 @@ class ServiceState:
         self.audit_writer = GroupCommitter(self.audit)
         self.keys = KeyStore(engine)
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute)
+        self.anonymous = AnonymousTraffic(self.settings, self.audit, self._model_fields)
+        self.readiness = ReadinessProbe(engine)
         self.lock = ModelLock()
         workers = self.workers or (1 if self.predictor.device.type == "cuda" else default_workers())
         if self.batching:
@@ -204,6 +210,9 @@ class ServiceState:
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.stop()
+        anonymous, self.anonymous = self.anonymous, None
+        if anonymous is not None:  # the summary rows of what it counted since the last full minute
+            anonymous.close()
         writer, self.audit_writer = self.audit_writer, None
         if writer is not None:
             writer.close()
@@ -222,6 +231,13 @@ class ServiceState:
         if "refer" not in out:  # no referral policy for this method in the card
             out["refer"] = np.full(len(images), -1, dtype=np.int64)
         return out
+
+    def _model_fields(self) -> dict[str, Any]:
+        """The model fields every audit row carries (for rows written outside a request)."""
+        card = self.card
+        return {"model_id": card.model_id if card else None,
+                "policy_hash": (card.policy_hash or None) if card else None,
+                "weights_sha256": (card.weights_sha256 or None) if card else None}
 
     @property
     def card(self) -> Any:

@@ -1,9 +1,14 @@
-"""``/v1/predictions``: submit an image (clinician), read a past prediction and its heat map (viewer).
+"""``/v1/predictions``: submit an image (clinician), read a past prediction and its heat map (its owner, or an admin).
 
 A prediction is answered only after its audit row is committed (:mod:`medlens.service.middleware`); it carries
 the model id, the card's operating-policy hash and the weights' digest, so every answer names exactly what
 produced it. ``GET /v1/predictions/{id}`` reads the prediction back from the audit trail (it survives
 restarts); the heat map needs the input image, held in memory for the last ``cache_size`` predictions only.
+
+Scope. A prediction (and its heat map, which shows the X-ray) is read by the clinician whose key made it and by
+admins; a viewer key reads the model information only (403 here, whatever the id). Another user's prediction id
+answers 404 with the same sentence as an id that does not exist, not 403: a 403 would confirm that the id is a
+real prediction, so ids could be probed. Every such attempt is still in the audit trail under the caller's name.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import medlens
 from medlens.domain import DomainGate, apply_verdict
 from medlens.forward import decide, shown_class
 from medlens.models.card import jsonable, normalize_batch
-from medlens.service.auth import Identity
+from medlens.service.auth import Identity, role_allows
 from medlens.service.context import API_PREFIX, ApiError, RequestContext, printable, request_context
 from medlens.service.deid import deidentify_dicom_fields
-from medlens.service.deps import prediction_id, require_clinician, require_viewer, service_state
+from medlens.service.deps import prediction_id, require_clinician, service_state
 from medlens.service.schemas import (
     MULTIPART_BODY,
     UNCERTAINTY_METHODS,
@@ -79,15 +84,16 @@ async def create_prediction(
 @router.get(
     "/predictions/{id}", response_model=Prediction, summary="A past prediction",
     description="The prediction with this id, as returned when it was made (read from the audit trail, so it "
-                "survives restarts). Needs a viewer key.",
+                "survives restarts). Needs the clinician key that made it, or an admin key; another user's "
+                "prediction is a 404, like an unknown id.",
     responses=error_responses(401, 403, 404, 422, 429, 503, 504),
 )
-def get_prediction(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_viewer)]
+def get_prediction(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_clinician)]
                    ) -> dict[str, Any]:
     st = service_state(request)
-    record = st.audit.get_prediction(prediction_id(id))
+    record = st.audit.get_prediction(prediction_id(id), user=owner_filter(identity))
     if record is None or not isinstance(record.output, dict):
-        raise ApiError(404, f"no prediction with id '{id}'")
+        raise ApiError(404, f"no prediction with id '{id}'")  # also another user's: 404, not 403 (no probing)
     request_context(request).output = {"prediction_id": id}
     return record.output
 
@@ -97,17 +103,19 @@ def get_prediction(request: Request, id: PredictionId, identity: Annotated[Ident
     description="Grad-CAM overlay (PNG) of the label shown at the operating threshold, over the uploaded image "
                 f"(scaled so its longest side is at most {DISPLAY_MAX_SIDE} px). The inputs of the last "
                 f"{INPUT_CACHE_SIZE} predictions are held in memory; older ones (or any from before a restart) "
-                "answer 404. Needs a viewer key.",
+                "answer 404. Needs the clinician key that made the prediction, or an admin key; another user's "
+                "prediction is a 404, like an unknown id.",
     responses={200: {"content": {"image/png": {}}, "description": "the overlay"},
                **error_responses(401, 403, 404, 422, 429, 503, 504)},
 )
-async def get_heatmap(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_viewer)],
+async def get_heatmap(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_clinician)],
                       alpha: Annotated[float, Query(ge=0.0, le=1.0, description="heat-map opacity")] = 0.4,
                       ) -> Response:
     st = service_state(request)
-    record = await anyio.to_thread.run_sync(st.audit.get_prediction, prediction_id(id))
+    pid, owner = prediction_id(id), owner_filter(identity)
+    record = await anyio.to_thread.run_sync(lambda: st.audit.get_prediction(pid, user=owner))
     if record is None:
-        raise ApiError(404, f"no prediction with id '{id}'")
+        raise ApiError(404, f"no prediction with id '{id}'")  # also another user's: 404, not 403 (no probing)
     held = st.inputs.get(id)
     if held is None:
         raise ApiError(404, f"the input image of prediction '{id}' is no longer held by this server (it keeps "
@@ -117,6 +125,11 @@ async def get_heatmap(request: Request, id: PredictionId, identity: Annotated[Id
     request_context(request).output = {"prediction_id": id, "width": width, "height": height, "alpha": alpha,
                                        "method": "gradcam", "png_sha256": sha256(png)}
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def owner_filter(identity: Identity) -> str | None:
+    """Whose predictions ``identity`` may read: its own (the key name), or everyone's (None) for an admin."""
+    return None if role_allows(identity.role, "admin") else identity.name
 
 
 def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: dict[str, Any],
