@@ -65,7 +65,10 @@ def run_dir(tiny_run, tmp_path_factory) -> Path:
 def service_settings(run_dir, tmp_path_factory) -> ServiceSettings:
     db = tmp_path_factory.mktemp("api-db") / "audit.db"
     loaded = ServiceSettings.load(run_dir, database=db, env={})  # env={}: the caller's MEDLENS_* are ignored
-    return dataclasses.replace(loaded, rate_limit_per_minute=0, max_upload_bytes=UPLOAD_LIMIT, batch_max_wait_ms=50)
+    # no limit for clients without a key, and an own audit row for each of them: these tests count on both
+    # (the limit and the summary rows of a flood: test_service_limits)
+    return dataclasses.replace(loaded, rate_limit_per_minute=0, max_upload_bytes=UPLOAD_LIMIT, batch_max_wait_ms=50,
+                               anonymous_rate_per_minute=0, anonymous_audit_sample=10**9)
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +158,10 @@ def test_predict_png_and_jpeg_then_read_back_and_heatmap(client, state, keys, ke
         assert (row.action, row.user, row.role) == ("predict", "test-clinician", "clinician")
         assert row.input_sha256 == p["input"]["sha256"] and row.model_id == card.model_id
         assert row.weights_sha256 == card.weights_sha256 and row.output == p and row.latency_ms > 0
-        again = client.get(f"/v1/predictions/{p['id']}", headers={"X-API-Key": keys["viewer"]})
+        again = client.get(f"/v1/predictions/{p['id']}", headers={"X-API-Key": keys["clinician"]})  # its owner
         assert again.status_code == 200 and again.json() == p
         assert _row(state, again).action == "get_prediction"
-        heat = client.get(p["heatmap_url"], headers=_auth(keys["viewer"]))
+        heat = client.get(p["heatmap_url"], headers=_auth(keys["clinician"]))
         assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
         with Image.open(io.BytesIO(heat.content)) as img:
             assert img.format == "PNG" and img.mode == "RGB"
@@ -179,7 +182,7 @@ def test_prediction_and_its_audit_row_carry_the_policy_hash(client, state, keys,
         assert r.json()["policy_hash"] == expected
         row = _row(state, r)
         assert row.policy_hash == expected and row.output["policy_hash"] == expected
-        again = client.get(f"/v1/predictions/{r.json()['id']}", headers=_auth(keys["viewer"]))
+        again = client.get(f"/v1/predictions/{r.json()['id']}", headers=_auth(keys["clinician"]))
         assert again.json()["policy_hash"] == expected
     page = client.get("/v1/audit?limit=1&action=predict", headers=_auth(keys["admin"])).json()
     assert page["items"][0]["policy_hash"] == expected
@@ -225,20 +228,20 @@ def test_predict_real_dicom_is_deidentified(client, state, keys, shared_data):
     assert fields["PatientID"].startswith("hmac-sha256:")
     row = _row(state, r)
     assert row.dicom == fields and row.dicom["PatientID"] != str(ds.PatientID)
-    heat = client.get(p["heatmap_url"], headers=_auth(keys["viewer"]))
+    heat = client.get(p["heatmap_url"], headers=_auth(keys["clinician"]))
     with Image.open(io.BytesIO(heat.content)) as img:
         assert img.size == (512, 512)  # a 1024 x 1024 image is shown at most 512 px wide
 
 
 def test_get_unknown_and_expired_predictions(client, state, keys, kermany):
-    r = client.get("/v1/predictions/00000000-0000-4000-8000-000000000000", headers=_auth(keys["viewer"]))
+    r = client.get("/v1/predictions/00000000-0000-4000-8000-000000000000", headers=_auth(keys["clinician"]))
     _clear_error(r, 404, "no prediction")
     assert _row(state, r).status == 404
-    _clear_error(client.get("/v1/predictions/not-a-uuid", headers=_auth(keys["viewer"])), 404, "UUID")
+    _clear_error(client.get("/v1/predictions/not-a-uuid", headers=_auth(keys["clinician"])), 404, "UUID")
     r = client.post("/v1/predictions", files={"file": ("x.jpeg", _cxr(kermany).read_bytes())},
                     headers=_auth(keys["clinician"]))
     state.inputs.clear()  # as if 256 newer predictions (or a restart) had pushed it out
-    r = client.get(r.json()["heatmap_url"], headers=_auth(keys["viewer"]))
+    r = client.get(r.json()["heatmap_url"], headers=_auth(keys["clinician"]))
     _clear_error(r, 404, "no longer held", "submit the image again")
     assert _row(state, r).action == "heatmap"
 
@@ -361,8 +364,13 @@ def test_metrics(client, keys, kermany):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert 'medlens_http_requests_total{method="POST",route="/v1/predictions",status="200"}' in text
-    for series in ("medlens_http_request_duration_seconds_bucket", "medlens_prediction_probability_bucket",
-                   "medlens_predictions_referred_total", "medlens_batch_size_bucket", "medlens_model_info"):
+    for series in ("medlens_http_request_duration_seconds_bucket", "medlens_batch_size_bucket", "medlens_model_info"):
+        assert series in text, series
+    # what was predicted: only for an admin's scrape (test_service_scoping reproduces the leak it closes)
+    assert "medlens_prediction_probability" not in text and "medlens_predictions_referred_total" not in text
+    text = client.get("/metrics", headers=_auth(keys["admin"])).text
+    for series in ("medlens_prediction_probability_bucket", "medlens_predictions_referred_total",
+                   "medlens_http_request_duration_seconds_bucket"):
         assert series in text, series
 
 
@@ -447,7 +455,7 @@ def test_no_patient_identifiers_in_audit_db_or_logs(client, state, keys, shared_
         r = client.post("/v1/predictions", files={"file": (name, (folder / name).read_bytes())},
                         headers=_auth(keys["clinician"]))
         assert r.status_code == 200, r.text
-        assert client.get(r.json()["heatmap_url"], headers=_auth(keys["viewer"])).status_code == 200
+        assert client.get(r.json()["heatmap_url"], headers=_auth(keys["clinician"])).status_code == 200
     r = client.post("/v1/predictions", files={"file": ("MR_small.dcm", _without_pixels(folder / "MR_small.dcm"))},
                     headers=_auth(keys["clinician"]))
     assert r.status_code == 422

@@ -96,7 +96,9 @@ def db(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def settings(run_dir, db) -> ServiceSettings:
     loaded = ServiceSettings.load(run_dir, database=db, env={})  # env={}: the caller's MEDLENS_* are ignored
-    return dataclasses.replace(loaded, rate_limit_per_minute=0)
+    # each malformed key below must get its 401 and its own audit row: no per-address limit or summary rows here
+    return dataclasses.replace(loaded, rate_limit_per_minute=0, anonymous_rate_per_minute=0,
+                               anonymous_audit_sample=10**9)
 
 
 @pytest.fixture(scope="module")

@@ -305,6 +305,7 @@ def _serve_workers(args: argparse.Namespace, run: Path, settings) -> int:
     import uvicorn
 
     from medlens.service.app import SERVE_ENV
+    from medlens.service.transport import uvicorn_options
 
     if settings.database_url.startswith("sqlite") and ":memory:" in settings.database_url:
         raise MedlensError("--workers needs an audit database on disk or PostgreSQL, not an in-memory SQLite one")
@@ -322,7 +323,7 @@ def _serve_workers(args: argparse.Namespace, run: Path, settings) -> int:
           f"{settings.database_url.split('://')[0]} audit database", file=sys.stderr)
     uvicorn.run("medlens.service.app:app_from_env", factory=True, workers=args.workers, host=args.host,
                 port=args.port, log_level="info", timeout_graceful_shutdown=10,
-                access_log=not getattr(args, "no_access_log", False))
+                access_log=not getattr(args, "no_access_log", False), **uvicorn_options(settings))
     return 0
 
 

@@ -110,7 +110,7 @@ def content_reason(image: np.ndarray, content: dict[str, Any] | None = None) -> 
     h, w = np.asarray(image).shape[:2]
     if min(h, w) < rule["min_side"]:
         return f"the image is {w}x{h} px, smaller than {rule['min_side']} px on its shorter side"
-    std = float(np.asarray(image, dtype=np.float64).std())
+    std = float(np.std(image, dtype=np.float64))  # accumulated in float64 without a float64 copy of the image
     if std < rule["min_std"]:
         return f"the image is blank or nearly uniform (standard deviation {std:.3g} < {rule['min_std']:g})"
     corr = neighbour_correlation(image)

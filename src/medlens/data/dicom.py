@@ -31,6 +31,9 @@ from medlens.errors import DataError
 
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as Pillow's convert("L")
+#: values per strip when pixels are converted a strip of rows at a time (the LUTs make ~25 bytes of float64
+#: temporaries a value: ~6 MB a strip)
+STRIP_VALUES = 1 << 18
 
 
 def first_line(exc: BaseException) -> str:
@@ -188,28 +191,46 @@ def _window(ds: pydicom.Dataset) -> tuple[float, float] | None:
 
 
 def _to_display(raw: np.ndarray, ds: pydicom.Dataset, photometric: str, meta: dict[str, Any]) -> np.ndarray:
+    """The stored values as float32 [0, 1] grey, a strip of rows at a time (every step is per pixel), so the
+    float64 LUT outputs never exist at full size: the float32 image is the only full-size array made."""
+    out = np.empty(raw.shape[:2], dtype=np.float32)
+    step = max(1, STRIP_VALUES // max(1, raw[0].size))
+    strips = [slice(top, top + step) for top in range(0, raw.shape[0], step)]
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(raw, ds)
-        return _luma(rgb) / float(np.iinfo(rgb.dtype).max)
+        for s in strips:
+            rgb = apply_color_lut(raw[s], ds)
+            out[s] = _luma(rgb) / float(np.iinfo(rgb.dtype).max)
+        return out
     if raw.ndim == 3:  # RGB; pydicom has already converted YBR to RGB
-        return _luma(raw) / float(2 ** int(ds.get("BitsStored", 8)) - 1)
-    values = apply_modality_lut(raw, ds)
+        for s in strips:
+            out[s] = _luma(raw[s]) / float(2 ** int(ds.get("BitsStored", 8)) - 1)
+        return out
+
+    voi = False
+
+    def values(s: slice) -> np.ndarray:
+        modality = apply_modality_lut(raw[s], ds)
+        return apply_voi_lut(modality, ds) if voi else modality
+
     has_voi = "VOILUTSequence" in ds or meta["window"] is not None
     if has_voi:
         try:
-            values = apply_voi_lut(values, ds)
+            apply_voi_lut(values(strips[0]), ds)  # a bad window or LUT fails here (it depends on the header only)
+            voi = True
             lo, hi = _voi_output_range(ds)
             meta["voi"] = "lut" if "VOILUTSequence" in ds else "window"
         except ValueError as exc:  # e.g. a window width < 1: fall back to the data range, say so
             has_voi = False
             meta["note"] = f"window ignored ({first_line(exc)}); scaled over the data range"
     if not has_voi:
-        lo, hi = float(np.min(values)), float(np.max(values))
+        lo = min(float(np.min(values(s))) for s in strips)
+        hi = max(float(np.max(values(s))) for s in strips)
         meta.setdefault("voi", "none")
-    image = _scale(values, lo, hi)
+    for s in strips:
+        out[s] = _scale(values(s), lo, hi)
     if photometric == "MONOCHROME1":
-        image = 1.0 - image
-    return image
+        np.subtract(1.0, out, out=out)
+    return out
 
 
 def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:

@@ -55,8 +55,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return _maybe_dicom_name(p) and p.is_file() and looks_like_dicom(p)
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+def read_image(path: str | os.PathLike, *, reduce_to: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one image as a 2-D float32 array in [0, 1] (grey, bright = dense) and a metadata dict.
+
+    ``reduce_to`` (PNG, JPEG and the other Pillow formats; the service passes it): an image whose longest side
+    is at least twice this is reduced while it is decoded, by the integer factor that keeps its longest side
+    >= ``reduce_to`` (a JPEG by libjpeg's DCT scaling, straight to grey; others by averaging factor x factor
+    blocks before the float conversion), so a huge upload never exists as a full-size float image.
+    ``meta["shape"]`` stays the stored size; ``meta["reduced"]`` is the factor. Smaller images are read exactly
+    as without it.
 
     meta: 'format' ('png', 'jpeg', 'bmp', 'tiff', 'dicom', 'nifti'), 'shape' (original H, W), 'bits' (stored
     bit depth); DICOM adds 'patient_id', 'modality', 'photometric', 'transfer_syntax', 'window' (center,
@@ -69,7 +76,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     if suffix in DICOM_SUFFIXES or (_maybe_dicom_name(p) and looks_like_dicom(p)):
         return read_dicom(p)
     if suffix in PILLOW_SUFFIXES:
-        return _read_pillow(p)
+        return _read_pillow(p, reduce_to)
     if suffix in NIFTI_SUFFIXES:
         if not HAS_NIBABEL:
             raise DataError(
@@ -110,15 +117,30 @@ def _describe(head: bytes) -> str:
     return f"Pillow cannot identify its format (it starts with {head[:16]!r})"
 
 
-def _read_pillow(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def reduction(size: tuple[int, ...], reduce_to: int | None) -> int:
+    """The integer factor that brings the longest side of ``size`` down to no less than ``reduce_to``; 1 when
+    the image is smaller than twice that (or ``reduce_to`` is None)."""
+    if not reduce_to or reduce_to < 1:
+        return 1
+    return max(1, max(size) // int(reduce_to))
+
+
+def _read_pillow(p: Path, reduce_to: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         with Image.open(p) as img:
+            stored = img.size
+            factor = reduction(stored, reduce_to)
+            if factor > 1 and img.format in ("JPEG", "MPO"):  # DCT scaling: decoded at 1/2, 1/4 or 1/8 size
+                img.draft("L" if img.mode == "RGB" else img.mode, (stored[0] // factor, stored[1] // factor))
             img.load()  # force the full decode, so a truncated file fails here and not in a DataLoader
             fmt = (img.format or p.suffix[1:]).lower()
             frames = getattr(img, "n_frames", 1)
             bits = _pillow_bits(img)
+            decoded = img.size
             ImageOps.exif_transpose(img, in_place=True)  # phone photos of films carry their rotation in EXIF
-            image, bits = _pillow_to_grey(img, bits)
+            swapped = img.size != decoded
+            rest = reduction(img.size, reduce_to) if factor > 1 else 1
+            image, bits = _pillow_to_grey(img, bits, rest)
     except UnidentifiedImageError as exc:
         with p.open("rb") as fh:
             head = fh.read(64)
@@ -132,6 +154,9 @@ def _read_pillow(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
             hint="re-export or re-download the file; medlens does not read partial images",
         ) from exc
     meta: dict[str, Any] = {"format": "jpeg" if fmt == "mpo" else fmt, "shape": image.shape, "bits": bits}
+    if factor > 1:  # reduced while decoding: the stored size, turned as the image was
+        meta["shape"] = (stored[0], stored[1]) if swapped else (stored[1], stored[0])
+        meta["reduced"] = round(stored[0] / decoded[0]) * rest
     if frames > 1:
         meta["frames"] = frames
         meta["note"] = f"multi-page ({frames} pages): page 0 was read"
@@ -146,8 +171,11 @@ def _pillow_bits(img: Image.Image) -> int:
     return {"1": 1, "I": 32, "F": 32}.get(img.mode, 16 if img.mode.startswith("I;16") else 8)
 
 
-def _pillow_to_grey(img: Image.Image, bits: int) -> tuple[np.ndarray, int]:
-    """Any Pillow mode to float32 [0, 1] grey. 16-bit is scaled by 2**bits - 1, not by its own maximum."""
+def _pillow_to_grey(img: Image.Image, bits: int, factor: int = 1) -> tuple[np.ndarray, int]:
+    """Any Pillow mode to float32 [0, 1] grey. 16-bit is scaled by 2**bits - 1, not by its own maximum.
+
+    ``factor`` > 1 averages factor x factor blocks first (:func:`box_reduce`). Colour is turned to grey in strips
+    of rows and the scaling is done in place, so the float image is the only full-size float array made."""
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")  # RGBA keeps tRNS transparency from warning; alpha is dropped below
     elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
@@ -155,10 +183,12 @@ def _pillow_to_grey(img: Image.Image, bits: int) -> tuple[np.ndarray, int]:
     elif img.mode == "LA":
         img = img.getchannel("L")
     arr = np.asarray(img)
+    if factor > 1:
+        arr = box_reduce(arr[..., :3] if arr.ndim == 3 else arr, factor)
     if arr.ndim == 3:
         rgb = arr[..., :3]
         same = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-        arr = rgb[..., 0] if same else rgb.astype(np.float32) @ LUMA
+        arr = rgb[..., 0] if same else _luma_rows(rgb)
         bits = 8
     if img.mode == "1":
         return arr.astype(np.float32), 1
@@ -169,7 +199,35 @@ def _pillow_to_grey(img: Image.Image, bits: int) -> tuple[np.ndarray, int]:
     if img.mode == "I":
         bits = min(bits, 16)  # 16-bit PNGs open as 'I' in some Pillow versions
     top = float(2 ** min(bits, 16) - 1)
-    return np.clip(arr.astype(np.float32) / top, 0.0, 1.0), bits
+    out = np.require(arr, np.float32, ["C", "W", "O"])  # a copy unless arr is a float32 array made above
+    out /= top
+    return np.clip(out, 0.0, 1.0, out=out), bits
+
+
+#: rows per strip in the strip-wise conversions: about 4 M values a strip
+_STRIP_VALUES = 1 << 22
+
+
+def _luma_rows(rgb: np.ndarray) -> np.ndarray:
+    """``rgb.astype(float32) @ LUMA`` (the same values), a strip of rows at a time: no full-size float RGB copy."""
+    out = np.empty(rgb.shape[:2], dtype=np.float32)
+    step = max(1, _STRIP_VALUES // max(1, rgb.shape[1] * rgb.shape[2]))
+    for top in range(0, rgb.shape[0], step):
+        out[top:top + step] = rgb[top:top + step].astype(np.float32) @ LUMA
+    return out
+
+
+def box_reduce(arr: np.ndarray, factor: int) -> np.ndarray:
+    """The mean of each ``factor`` x ``factor`` block (float32; H // factor x W // factor, channels kept; the last
+    H % factor rows and W % factor columns are dropped), computed a strip of rows at a time."""
+    h, w = arr.shape[0] // factor, arr.shape[1] // factor
+    out = np.empty((h, w, *arr.shape[2:]), dtype=np.float32)
+    step = max(1, _STRIP_VALUES // max(1, arr.shape[1] * factor * int(np.prod(arr.shape[2:], dtype=np.int64))))
+    for top in range(0, h, step):
+        rows = min(step, h - top)
+        block = arr[top * factor:(top + rows) * factor, :w * factor].astype(np.float32)
+        out[top:top + rows] = block.reshape(rows, factor, w, factor, *arr.shape[2:]).mean(axis=(1, 3))
+    return out
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, dict[str, Any]]:

@@ -80,9 +80,9 @@ class LungCropper:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         box = self.box(image)
         if box is None:
-            return image[top:bottom, left:right]
+            return image
         top, bottom, left, right = box
-        return image
+        return image[top:bottom, left:right]
 
 
 def install_lung_model(seg_run: str | Path, run_dir: str | Path, margin: float) -> dict[str, Any]:

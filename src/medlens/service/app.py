@@ -65,6 +65,7 @@ from medlens.service.context import printable, request_context
 from medlens.service.limits import ClientLimits
 from medlens.service.middleware import ServiceMiddleware
 from medlens.service.routes import audit, models, operations, predictions
+from medlens.service.security import SecurityHeaders, add_docs, redact_access_log
 from medlens.service.settings import ServiceSettings
 from medlens.service.state import INPUT_CACHE_SIZE, ServiceState, lifespan
 
@@ -114,6 +115,8 @@ def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = No
                     "`X-API-Key: <key>`. Every `/v1` request is recorded in the audit trail; its id is "
                     "returned in `X-Request-ID`. Errors are `{\"detail\": \"...\"}`.",
         lifespan=lifespan(state),
+        docs_url=None,  # served from local files by security.add_docs (FastAPI's pages load from a public CDN)
+        redoc_url=None,
         openapi_tags=[
             {"name": "predictions", "description": "Submit images; read predictions and their heat maps."},
             {"name": "models", "description": "The model this server runs."},
@@ -130,9 +133,12 @@ def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = No
                            expose_headers=["X-Request-ID", "Retry-After"])
     app.add_middleware(ClientLimits, state=state)  # inside ServiceMiddleware: its 429 / 408 are audited
     app.add_middleware(ServiceMiddleware, state=state)
+    app.add_middleware(SecurityHeaders)  # outermost: on every response, the middleware's own 503 / 504 included
+    redact_access_log()
     _add_error_handlers(app)
     for router in (predictions.router, models.router, audit.router, operations.router):
         app.include_router(router)
+    add_docs(app)
     if operations.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=operations.STATIC_DIR), name="static")
     return app

@@ -13,6 +13,9 @@ drops or changes a column.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +30,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from medlens.errors import ConfigError
 
+log = logging.getLogger(__name__)
 _OUR_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines made by create_engine (pragmas attached)
 _WRITE = "medlens_write"  # execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
 _SCHEMA_LOCK = 0x6D6C656E  # PostgreSQL advisory lock id serialising schema creation ("mlen")
@@ -53,7 +57,7 @@ def create_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {}
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(Path(parsed.database).expanduser())
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
@@ -67,6 +71,24 @@ def create_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
     _OUR_ENGINES.add(engine)
     return engine
+
+
+def create_private_file(path: Path) -> None:
+    """Create the SQLite file empty with mode 0600 (its folder 0700) before SQLite opens it, so the audit trail is
+    never readable by other users: SQLite gives its -wal and -shm files the database file's mode. An existing
+    file is left as it is, with a warning if others can read it."""
+    from medlens.service.settings import private_folder
+
+    private_folder(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("audit database %s can be read by other users (mode %o): chmod 600 it", path,
+                        stat.S_IMODE(mode))
+    except OSError:  # a read-only folder, say: SQLite reports it with its own message when it opens the file
+        pass
 
 
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:

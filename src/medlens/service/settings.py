@@ -35,6 +35,14 @@ DB_FILE_NAME = rundir.AUDIT_DB
 MIN_KEY_CHARS = 16
 
 
+def _cpus() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Everything the service reads from its environment. Build it with :meth:`load`."""
@@ -43,6 +51,9 @@ class ServiceSettings:
     audit_key: bytes = field(repr=False)  # never logged or printed
     max_upload_bytes: int = 20 * 1024 * 1024  # 20 MiB
     max_image_pixels: int = 50_000_000  # decompression-bomb guard: width x height of a decoded image
+    # memory budget of the decodes in flight (estimated from the image headers; one image over it is 413)
+    max_decode_bytes: int = 384 * 1024 * 1024
+    max_concurrent_decodes: int = field(default_factory=_cpus)  # decodes at once (default: one a core)
     request_timeout_s: float = 30.0
     rate_limit_per_minute: int = 120  # per API key; 0 turns the limit off
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are listed
@@ -190,6 +201,8 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "audit_key_file": _path,
     "max_upload_bytes": _int(1),
     "max_image_pixels": _int(1),
+    "max_decode_bytes": _int(1024 * 1024),
+    "max_concurrent_decodes": _int(1),
     "request_timeout_s": _float(0.0, strict=True),
     "rate_limit_per_minute": _int(0),
     "cors_origins": _origins,
@@ -340,8 +353,21 @@ def load_or_create_key(path: str | os.PathLike) -> bytes:
     return _key(text, f"audit key file {path}").encode("utf-8")
 
 
+def private_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents) with mode 0700 if missing; warn if it exists and any user can write in
+    it (they could replace the audit database or its key) without the sticky bit."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        log.warning("folder %s is writable by every user (mode %o): keep the audit database and its key in a "
+                    "folder only the service can write (chmod 700 it)", folder, stat.S_IMODE(mode))
+
+
 def _create_key_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

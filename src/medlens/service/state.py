@@ -27,6 +27,7 @@ import medlens
 from medlens.service.committer import GroupCommitter
 from medlens.service.metrics import ServiceMetrics
 from medlens.service.settings import ServiceSettings
+from medlens.service.uploads import DecodeGate
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class ServiceState:
         self.workers = workers
         self.metrics = ServiceMetrics()
         self.inputs = InputCache(cache_size)
+        # decodes in flight share one memory budget (medlens.service.uploads: a bound on the peak, not a rate)
+        self.decode_gate = DecodeGate(settings.max_decode_bytes, settings.max_concurrent_decodes)
         self.predictor: Any = None
         self.audit: Any = None
         self.keys: Any = None

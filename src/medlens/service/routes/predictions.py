@@ -38,7 +38,14 @@ from medlens.service.schemas import (
     error_responses,
 )
 from medlens.service.state import INPUT_CACHE_SIZE, HeldInput, ServiceState
-from medlens.service.uploads import DISPLAY_MAX_SIDE, DecodedUpload, decode_upload, read_upload, sha256
+from medlens.service.uploads import (
+    DISPLAY_MAX_SIDE,
+    DecodedUpload,
+    decode_upload,
+    plan_decode,
+    read_upload,
+    sha256,
+)
 
 router = APIRouter(prefix=API_PREFIX, tags=["predictions"])
 
@@ -71,7 +78,9 @@ async def create_prediction(
     if method not in st.methods:
         raise ApiError(422, f"this model does not support uncertainty '{method}' (it supports "
                             f"{', '.join(st.methods)}){' (ensemble needs an ensemble run)' if method == 'ensemble' else ''}")
-    decoded = await anyio.to_thread.run_sync(decode_upload, data, ctx, st.settings, st.predictor)
+    plan = await anyio.to_thread.run_sync(plan_decode, data, ctx, st.settings)  # header only: 413 / 415 / 422
+    async with st.decode_gate.reserve(plan.estimate):  # waits while the decodes in flight fill the budget
+        decoded = await anyio.to_thread.run_sync(decode_upload, data, ctx, st.settings, st.predictor, plan)
     result = await st.runner.submit(decoded.image, method)
     prediction = prediction_body(ctx, st, method, result, decoded, len(data))
     ctx.output = prediction
