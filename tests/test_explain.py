@@ -40,7 +40,7 @@ from medlens.explain import (
 from medlens.explain.faithfulness import _ranks, _spearman, _top_layers
 from medlens.models import create_model, list_models
 
-ALL_MODELS = list_models()
+ALL_MODELS = list_models(task="classification")
 SIZE = 64
 
 

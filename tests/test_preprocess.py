@@ -90,8 +90,8 @@ def test_options_are_canonical_and_unknown_ones_are_refused():
     assert preprocess_options(None) == preprocess_options({"equalize": "none", "clip": 0.5}) == {}
     assert preprocess_options({"equalize": "clahe"}) == CLAHE  # defaults filled in
     assert preprocess_options({"equalize": "hist", "tiles": 4}) == {"equalize": "hist"}  # unused keys dropped
-    with pytest.raises(ConfigError, match="unknown preprocessing option.*'lung_crop'"):
-        preprocess(np.zeros((8, 8), np.float32), 8, options={"lung_crop": True})
+    with pytest.raises(ConfigError, match="unknown preprocessing option.*'sharpen'"):
+        preprocess(np.zeros((8, 8), np.float32), 8, options={"sharpen": True})
     with pytest.raises(ConfigError, match="equalize='clahee'"):
         preprocess_options({"equalize": "clahee"})
     for bad in ({"clip": 0}, {"clip": 2.0}, {"tiles": 0}, {"tiles": 2.5}):
@@ -117,8 +117,8 @@ def test_card_field_defaults_to_none_and_is_validated():
             "in_chans": 1}
     assert ModelCard.from_dict(dict(base)).preprocess == {}  # a card from before the field
     assert ModelCard.from_dict({**base, "preprocess": CLAHE}).preprocess == CLAHE
-    with pytest.raises(DataError, match="preprocess.*'lung_crop'"):
-        ModelCard.from_dict({**base, "preprocess": {"lung_crop": True}})
+    with pytest.raises(DataError, match="preprocess.*'sharpen'"):
+        ModelCard.from_dict({**base, "preprocess": {"sharpen": True}})
     with pytest.raises(DataError, match="preprocess should be dict"):
         ModelCard.from_dict({**base, "preprocess": "clahe"})
 

@@ -96,9 +96,10 @@ def _is_segmentation(cfg, data: Path) -> bool:
 
 
 def _run_task(run: str) -> str:
-    from medlens.models.card import ModelCard, _find_card
+    from medlens.models.card import CARD_SUFFIX, ModelCard
 
-    return ModelCard.load(_find_card(Path(run))).task
+    card = Path(run) / f"model{CARD_SUFFIX}"
+    return ModelCard.load(card).task if card.is_file() else "classification"  # evaluate explains a missing card
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
