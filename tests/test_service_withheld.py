@@ -78,6 +78,47 @@ def test_a_withheld_answer_is_recorded_as_withheld_and_never_served(tiny_run, cx
             assert rows[ids[name]][0] == response.status_code
 
 
+def test_a_failed_commit_after_the_wait_answers_503_and_logs_no_orphaned_error(tiny_run, cxr_tiny,
+                                                                             tmp_path_factory, monkeypatch,
+                                                                             caplog):
+    """The row is claimed, the request stops waiting, then the commit itself fails (the lock outlives SQLite's
+    busy timeout): the client gets 503, the row says 503, and the database error is read by the request, not
+    left in an abandoned asyncio future (which asyncio logs as "Future exception was never retrieved")."""
+    import gc
+    import logging
+
+    from medlens.service import committer, db as service_db, middleware
+
+    monkeypatch.setattr(middleware, "AUDIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(service_db, "BUSY_TIMEOUT_MS", 2000)
+    monkeypatch.setattr(committer, "DEFERRED_RETRY_S", 0.2)
+    app, key = clinician_app(tiny_run, tmp_path_factory, "withheld-fail", "dr-a")
+    db = app.state.service.settings.database_url.removeprefix("sqlite:///")
+    image = next((cxr_tiny / "test" / "PNEUMONIA").iterdir()).read_bytes()
+    headers = {"Authorization": f"Bearer {key}"}
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with serve_in_thread(app) as url:
+        assert httpx.post(url + "/v1/predictions", files={"file": ("x.jpeg", image)}, headers=headers,
+                          timeout=60).status_code == 200  # warm: the writer's connection is open
+        locker = sqlite3.connect(db, timeout=1, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            answer = httpx.post(url + "/v1/predictions", files={"file": ("x.jpeg", image)}, headers=headers,
+                                timeout=60)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert answer.status_code == 503, answer.text
+        rid = answer.headers["X-Request-ID"]
+        deadline = time.monotonic() + 20
+        while rid not in _rows(db) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, output, error = _rows(db)[rid]
+        assert status == 503 and output is None and "withheld" in error
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+
+
 def _gated(log: AuditLog, monkeypatch):
     gate, calls = threading.Event(), []
     real = log.insert_rows

@@ -136,13 +136,29 @@ class GroupCommitter:
                     for _, future in batch:
                         if future is not None:
                             _resolve(future, exc=exc)
+        leftover = []
         while True:  # anything that raced past the stop marker: refuse it rather than leave it waiting
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
-            if item is not self._stop:
+                break
+            if item is self._stop:
+                continue
+            with self._fate:
+                withdrawn = item[1].audit_state == self.WITHDRAWN
+            if withdrawn:  # its client already got 503: its withheld version is still owed to the trail
+                leftover.append(withheld_row(item[0], getattr(item[1], "audit_withheld_reason", "")))
+            else:
                 _resolve(item[1], exc=RuntimeError("the audit writer has stopped"))
+        if leftover or self._deferred:
+            try:
+                self._write([(row, None) for row in leftover])
+            except Exception as exc:  # noqa: BLE001 - shutting down: say what could not be written
+                _log.error("%d withheld audit rows could not be written at shutdown (%s)",
+                           len(leftover) + len(self._deferred), type(exc).__name__)
+            if self._deferred:
+                _log.error("%d withheld audit rows could not be written at shutdown: the database is failing",
+                           len(self._deferred))
 
     def _write(self, batch: list) -> None:
         deferred, self._deferred = self._deferred, []

@@ -163,14 +163,18 @@ class ServiceMiddleware:
             # place and the client gets 503. A row the writer already claimed is waited for: its one transaction
             # is bounded by the database's lock timeout, and its outcome decides the answer (docs/AUDIT.md).
             future = writer.submit(row, deadline=time.monotonic() + AUDIT_TIMEOUT_S)
+            # one asyncio wrapper, awaited (again) after a timeout: a second wrapper would leave the first holding
+            # a database error nobody reads ("Future exception was never retrieved" in the log)
+            waiter = asyncio.wrap_future(future)
             try:
-                result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), AUDIT_TIMEOUT_S)
+                result = await asyncio.wait_for(asyncio.shield(waiter), AUDIT_TIMEOUT_S)
             except asyncio.TimeoutError:
                 reason = (f"the audit trail did not record the answer within {AUDIT_TIMEOUT_S:g} s, so it was "
                           "withheld (503)")
                 if writer.withdraw(future, reason):
+                    waiter.add_done_callback(_consume)  # settled only if the writer stops with it still queued
                     raise
-                result = await asyncio.wrap_future(future)
+                result = await waiter
             if result == WITHHELD:
                 raise RuntimeError("the row was claimed after its deadline and written as withheld")
             return True
