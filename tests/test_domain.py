@@ -160,3 +160,35 @@ def test_the_learned_score_refuses_above_its_threshold_and_says_so():
     assert gate.combine("modality CT ...", 1.0)["domain_reason"] == "modality CT ..."  # the gates speak first
     no_score = DomainGate({}).combine(None, None)
     assert no_score["in_domain"] is True and no_score["domain_score"] is None and "no learned" in no_score["domain_note"]
+
+
+def test_prediction_and_domain_score_share_one_forward_pass(tiny_run, cxr_tiny):
+    """The service predicts and scores each batch with one pass through the network (a second pass for the
+    in-domain features doubled the model's cost per request), and the results equal the two separate calls."""
+    import torch
+
+    from medlens.data.readers import read_image
+    from medlens.inference import Predictor
+
+    predictor = Predictor.from_run(tiny_run, device="cpu")
+    assert predictor.gate is not None and predictor.gate.has_score
+    files = sorted((cxr_tiny / "test").rglob("*.jpeg"))[:6]
+    images = torch.cat([predictor.prepare(read_image(f)[0]) for f in files])
+    calls = []
+    real = predictor.model.forward_features
+
+    def counted(x):
+        calls.append("features")
+        return real(x)
+
+    predictor.model.forward_features = counted
+    try:
+        one = predictor.predict_and_score(images, "softmax")
+    finally:
+        del predictor.model.forward_features
+    assert calls.count("features") == 1  # one pass over the batch: logits and features together
+    separate = predictor.predict_with_uncertainty(images, "softmax")
+    scores = predictor.gate.scores(predictor.model, images, predictor.card.intensity)
+    np.testing.assert_allclose(one["probability"], separate["probability"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(one["domain_score"], scores, rtol=1e-6)
+    np.testing.assert_array_equal(one["refer"], separate["refer"])

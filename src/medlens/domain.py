@@ -136,6 +136,30 @@ def pooled_features(model: nn.Module, images: torch.Tensor, *, intensity: str, b
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
+def logits_and_pooled(model: nn.Module, images: torch.Tensor, *, intensity: str, batch_size: int = 256,
+                      device: torch.device | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """One eval pass over uint8 images (N, 1, S, S): float32 CPU logits (as ``forward.predict_logits`` gives)
+    and the pooled penultimate features (as :func:`pooled_features`). The service needs both for every image;
+    ``forward_head(forward_features(x))`` is what ``forward`` runs, so splitting it costs nothing, where a
+    second pass for the features doubled the model's share of a request. Not for ensembles (their features are
+    member 0's, their logits the ensemble's)."""
+    from medlens.forward import autocast
+
+    device = device or model_device(model)
+    logits, feats = [], []
+    with modes_restored(model), torch.no_grad():
+        model.eval()
+        for start in range(0, len(images), batch_size):
+            x = normalize_batch(images[start:start + batch_size].to(device), intensity)
+            if device.type == "cuda" and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                f = model.forward_features(x)
+                logits.append(model.forward_head(f).float().cpu())
+            feats.append(f.float().mean(dim=tuple(range(2, f.ndim))).cpu().double().numpy())
+    return torch.cat(logits), np.concatenate(feats)
+
+
 def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Mahalanobis distance of each row of ``features`` to ``mean`` under ``precision`` (inverse covariance)."""
     d = np.asarray(features, dtype=np.float64) - mean
@@ -274,8 +298,11 @@ class DomainGate:
         """Mahalanobis distances of uint8 network inputs (N, 1, S, S), or ``None`` without a learned score."""
         if not self.has_score or len(tensors) == 0:
             return None
-        return mahalanobis(pooled_features(model, tensors, intensity=intensity, device=device),
-                           self.mean, self.precision)
+        return self.score_features(pooled_features(model, tensors, intensity=intensity, device=device))
+
+    def score_features(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distances of pooled features (:func:`pooled_features` / :func:`logits_and_pooled`)."""
+        return mahalanobis(features, self.mean, self.precision)
 
     def gate_reason(self, image: np.ndarray, meta: dict[str, Any]) -> str | None:
         """The metadata and content gates (no model needed): why the input is not assessable, or ``None``."""

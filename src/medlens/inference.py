@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from medlens.data.cache import preprocess
 from medlens.data.readers import read_image
-from medlens.domain import DomainGate, apply_verdict
+from medlens.domain import DomainGate, apply_verdict, logits_and_pooled
 from medlens.errors import ConfigError, DataError
 from medlens.forward import decide, predict_logits, probabilities, resolve_device
 from medlens.models.card import ModelCard, load_checkpoint
@@ -64,8 +64,8 @@ class Predictor:
         logits = predict_logits(self.model, images, intensity=self.card.intensity, device=self.device)
         return probabilities(logits, self.card.temperature)[:, self.card.positive_class]
 
-    def predict_with_uncertainty(self, images: torch.Tensor, method: str = "softmax", passes: int | None = None
-                                 ) -> dict[str, np.ndarray]:
+    def predict_with_uncertainty(self, images: torch.Tensor, method: str = "softmax", passes: int | None = None,
+                                 *, logits: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """Calibrated positive-class probability plus its uncertainty (``medlens.uncertainty.predictive``).
 
         ``softmax``: one pass; ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the
@@ -76,10 +76,25 @@ class Predictor:
                          temperature=self.card.temperature, threshold=self.card.threshold,
                          positive_class=self.card.positive_class,
                          mc_passes=passes or int(refer.get("mc_passes", 20)),
-                         tta_passes=passes or int(refer.get("tta_passes", 8)), device=self.device)
+                         tta_passes=passes or int(refer.get("tta_passes", 8)), device=self.device, logits=logits)
         threshold = (refer.get("thresholds") or {}).get(method)
         if threshold is not None:
             out["refer"] = out[refer.get("measure", "predictive_entropy")] > float(threshold)
+        return out
+
+    def predict_and_score(self, images: torch.Tensor, method: str = "softmax") -> dict[str, np.ndarray]:
+        """:meth:`predict_with_uncertainty` plus ``domain_score`` (the learned in-domain distance; NaN without
+        one), sharing one forward pass between the prediction and the score (ensembles: two passes, as their
+        features are member 0's)."""
+        gate, card = self.gate, self.card
+        if gate is not None and gate.has_score and len(images) and not hasattr(self.model, "members"):
+            logits, features = logits_and_pooled(self.model, images, intensity=card.intensity, device=self.device)
+            out = self.predict_with_uncertainty(images, method, logits=logits)
+            out["domain_score"] = gate.score_features(features)
+            return out
+        out = self.predict_with_uncertainty(images, method)
+        scores = gate.scores(self.model, images, card.intensity, self.device) if gate else None
+        out["domain_score"] = np.full(len(images), np.nan) if scores is None else scores
         return out
 
     def domain_verdicts(self, images: list[np.ndarray], metas: list[dict], tensors: torch.Tensor) -> list[dict]:

@@ -287,7 +287,7 @@ def decision_uncertainty(member_probs: ArrayLike, threshold: float = 0.5, *,
 def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", *, intensity: str,
                temperature: float = 1.0, threshold: float = 0.5, positive_class: int = 1, mc_passes: int = 20,
                tta_passes: int = 8, device: torch.device | None = None, seed: int = 0,
-               batch_size: int = 256) -> dict[str, np.ndarray]:
+               batch_size: int = 256, logits: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Calibrated positive-class probability and its uncertainty for uint8 images ``(N, 1, H, W)``.
 
     The probability is always the deterministic calibrated prediction (one pass; for an ensemble, the
@@ -299,12 +299,20 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
     (nats, centred on p = 0.5), ``decision_entropy`` (centred on the operating ``threshold``: see
     :func:`decision_uncertainty`; the referral measure), ``variance`` of the positive-class probability over
     the passes, and int ``passes``. Training (the referral policy), ``medlens evaluate``, ``medlens predict``
-    and the service all call this, so a threshold chosen on one is valid on the others.
+    and the service all call this, so a threshold chosen on one is valid on the others. ``logits``: the
+    deterministic eval-mode logits of ``images`` when the caller already has them (the service computes them
+    with the in-domain features in one pass); they replace that pass, never the method's own passes.
     """
     device = device or model_device(model)
     kw = {"intensity": intensity, "device": device, "batch_size": batch_size}
+    if logits is not None and len(logits) != len(images):
+        raise ValueError(f"{len(logits)} logits for {len(images)} images")
+
+    def deterministic() -> torch.Tensor:
+        return logits if logits is not None else predict_logits(model, images, **kw)
+
     if method == "softmax":
-        members = probabilities(predict_logits(model, images, **kw), temperature)[None]
+        members = probabilities(deterministic(), temperature)[None]
     elif method == "mc":
         members = member_probabilities(mc_dropout_logits(model, images, mc_passes, seed=seed, **kw), temperature)
     elif method == "tta":
@@ -327,7 +335,7 @@ def predictive(model: nn.Module, images: torch.Tensor, method: str = "softmax", 
     if method == "softmax":
         probability = summary["positive_prob"]
     else:
-        probability = probabilities(predict_logits(model, images, **kw), temperature)[:, positive_class]
+        probability = probabilities(deterministic(), temperature)[:, positive_class]
     return {"probability": probability.astype(np.float64), "predictive_entropy": summary["predictive_entropy"],
             "mutual_information": summary["mutual_information"], "decision_entropy": decision["decision_entropy"],
             "variance": summary["positive_variance"], "passes": np.full(len(images), len(members), dtype=np.int64)}

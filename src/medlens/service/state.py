@@ -227,10 +227,7 @@ class ServiceState:
     # -- model calls
 
     def _predict(self, images: torch.Tensor, method: str) -> dict[str, np.ndarray]:
-        out = self.predictor.predict_with_uncertainty(images, method)
-        gate, card = self.predictor.gate, self.predictor.card  # the learned in-domain score (NaN: none)
-        scores = gate.scores(self.predictor.model, images, card.intensity, self.predictor.device) if gate else None
-        out["domain_score"] = np.full(len(images), np.nan) if scores is None else scores
+        out = self.predictor.predict_and_score(images, method)  # + the learned in-domain score (NaN: none)
         if "refer" not in out:  # no referral policy for this method in the card
             out["refer"] = np.full(len(images), -1, dtype=np.int64)
         return out
