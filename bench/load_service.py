@@ -88,7 +88,19 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", ROOT.parent / "shared" / "da
 DEFAULT_IMAGES = SHARED / "chest_xray" / "test"
 DEFAULT_RESULT = ROOT / "bench" / "results" / "load_service-cpu.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
-MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"]}
+MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"],
+         "workers-2-pg": ["--workers", "2"], "peer": [], "peer-workers-2": ["--workers", "2"]}
+#: ``*-pg`` modes keep the audit trail in PostgreSQL (a throwaway server started by this script, fsync on);
+#: ``peer*`` modes run bench/peer_app.py (the same model behind a bare FastAPI endpoint: no auth, no audit)
+PEER_APP = Path(__file__).resolve().parent / "peer_app.py"
+
+
+def is_pg(mode: str) -> bool:
+    return mode.endswith("-pg")
+
+
+def is_peer(mode: str) -> bool:
+    return mode.startswith("peer")
 #: the server's environment on top of the caller's (minus the caller's MEDLENS_* settings)
 SERVER_ENV = {"MEDLENS_RATE_LIMIT_PER_MINUTE": "0"}
 READY_TIMEOUT_S = 180.0
@@ -149,7 +161,7 @@ def medlens_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "medlens.cli", *args]
 
 
-def create_key(db: Path) -> str:
+def create_key(db: Path | str) -> str:
     out = subprocess.run(medlens_cli("keys", "create", "load-client", "--role", "clinician", "--db", str(db)),
                          env=server_env(), capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
@@ -160,10 +172,13 @@ def create_key(db: Path) -> str:
 class Server:
     """One ``medlens serve`` process on loopback with its own log file."""
 
-    def __init__(self, run: Path, db: Path, port: int, extra: list[str], log_path: Path):
+    def __init__(self, run: Path, db: Path | str | None, port: int, extra: list[str], log_path: Path):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        self.args = medlens_cli("-v", "serve", str(run), "--port", str(port), "--db", str(db), *extra)
+        if db is None:  # the peer: the same model behind a bare FastAPI endpoint
+            self.args = [sys.executable, str(PEER_APP), str(run), "--port", str(port), *extra]
+        else:
+            self.args = medlens_cli("-v", "serve", str(run), "--port", str(port), "--db", str(db), *extra)
         self._log = open(log_path, "wb")  # a file, not a pipe: a full pipe would stall the server
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(),
                                      cwd=log_path.parent)
@@ -190,7 +205,9 @@ class Server:
         raise SystemExit(f"the server was not ready within {timeout:.0f} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.proc.pid)
+        """CPU seconds of the server and every process under it (``--workers N``: the uvicorn supervisor and
+        its N worker processes; a live child's time is not in its parent's counters until it exits)."""
+        return process_tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> dict[str, Any]:
         """SIGINT (uvicorn's graceful shutdown), then wait; SIGKILL only if it hangs."""
@@ -222,6 +239,28 @@ def process_cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """:func:`process_cpu_seconds` summed over ``pid`` and all its live descendants (``/proc/*/stat`` ppid)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))  # ppid -> pid
+    total, todo, seen = None, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        cpu = process_cpu_seconds(current)
+        if cpu is not None:
+            total = (total or 0.0) + cpu
+        todo.extend(children.get(current, []))
+    return total
 
 
 def machine_busy_seconds() -> float | None:
@@ -312,15 +351,18 @@ def scrape_batch_sizes(url: str) -> dict[str, Any]:
             "calls_by_size": buckets}
 
 
-def check_audit(db: Path, answers: list[tuple[str | None, int]]) -> dict[str, Any]:
+def check_audit(db: Path | str, answers: list[tuple[str | None, int]]) -> dict[str, Any]:
     """Reconcile the stopped server's audit trail with every answer the clients got: ``(X-Request-ID, status)``.
 
     Every answer, whatever its status, must carry a request id and have exactly one audit row with that id and
     that status; every audit row must belong to an answer (nothing was in flight at the end, so a row without
     an answer means a request the server recorded but the client never heard back from).
     """
-    with sqlite3.connect(db) as conn:  # the raw file first: does it open, is it intact
-        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if isinstance(db, Path):
+        with sqlite3.connect(db) as conn:  # the raw file first: does it open, is it intact
+            integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    else:  # PostgreSQL: the server checks its own pages; reconciliation below is the same
+        integrity = "ok"
     with AuditLog(database_url(db)) as log:
         t = log.table
         with log.engine.connect() as conn:
@@ -400,12 +442,17 @@ def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
 
 
 def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, uploads: list[Upload],
-             work: Path) -> dict[str, Any]:
-    """One run of one mode: a fresh database and server, the load, the reconciliation."""
-    folder = work / f"{order:02d}-{mode}"
+             work: Path, pg: Any = None, profile: float = 0.0) -> dict[str, Any]:
+    """One run of one mode: a fresh database and server, the load, the reconciliation. With ``profile`` (seconds),
+    py-spy samples the server's processes during the window (the run is then not counted: the profiler takes CPU)."""
+    folder = work / (f"{order:02d}-{mode}" + ("-profile" if profile else ""))
     folder.mkdir()
-    db = folder / "audit.db"
-    key = create_key(db)
+    db: Path | str | None
+    if is_peer(mode):
+        db, key = None, "none"
+    else:
+        db = pg.create_database() if is_pg(mode) else folder / "audit.db"
+        key = create_key(db)
     port = args.port or free_port()
     server = Server(args.run, db, port, MODES[mode], folder / "server.log")
     try:
@@ -427,19 +474,24 @@ def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, upl
                 marks["end"] = (time.perf_counter(), server.cpu_seconds(), time.process_time(), machine_busy_seconds())
 
             sampler = asyncio.ensure_future(sample_cpu())
+            profiler = asyncio.ensure_future(asyncio.to_thread(
+                profile_server, server, window_start, min(profile, args.seconds), folder)) if profile else None
             results = await run_clients(server.url, key, uploads, args.clients, window_end, args.timeout)
             await sampler
+            if profiler is not None:
+                marks["profile"] = await profiler
             return results
 
         results = asyncio.run(measure())
         drained = time.perf_counter()
-        batches = scrape_batch_sizes(server.url)
+        batches = (scrape_batch_sizes(server.url) if db is not None else
+                   {"model_calls": None, "images": None, "mean": None, "calls_by_size": {}})
     except BaseException:
         server.kill()
         raise
     stop = server.stop()
     answers = [(r.request_id, r.status) for r in results if r.status is not None]
-    audit = check_audit(db, answers)
+    audit = check_audit(db, answers) if db is not None else {"ok": True, "note": "the peer has no audit trail"}
 
     in_window = [r for r in results if r.status == 200 and window_start <= r.end <= window_end]
     statuses = collections.Counter(str(r.status) for r in results if r.status is not None)
@@ -467,7 +519,9 @@ def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, upl
         "order": order,
         "round": round_no,
         "mode": mode,
-        "server_command": " ".join(["medlens", *server.args[3:]]),
+        "database": "none (peer)" if db is None else ("postgresql" if is_pg(mode) else "sqlite"),
+        "server_command": (" ".join(["python", "bench/peer_app.py", *server.args[3:]]) if db is None else
+                           " ".join(["medlens", *server.args[3:]])),
         "requests": len(results),
         "requests_in_window_ok": len(in_window),
         "throughput_rps": round(len(in_window) / args.seconds, 2),
@@ -485,9 +539,88 @@ def run_once(mode: str, round_no: int, order: int, args: argparse.Namespace, upl
         "server_startup": startup_line(server.log_path),
         "server_stop": stop,
     }
+    if profile:
+        run["profile"] = marks.get("profile")
     run["failures"] = run_failures(run)
     run["passed"] = not run["failures"]
     return run
+
+
+# ------------------------------------------------------------------------------------------------ profile
+
+#: where the time goes: a sample belongs to the first category whose pattern matches one of its frames, looking
+#: from the innermost frame outwards (so JSON encoding inside the audit code counts as audit)
+PROFILE_CATEGORIES = [
+    ("model forward (torch)", ("torch/nn/", "medlens/forward.py", "medlens/models/", "predict_logits")),
+    ("image decode + preprocessing", ("PIL/", "medlens/data/readers.py", "medlens/data/dicom.py", "pydicom/",
+                                      "medlens/data/cache.py", "preprocess", "medlens/domain.py", "cv2")),
+    ("audit trail (prepare, commit, SQL)", ("medlens/service/audit.py", "medlens/service/committer.py",
+                                            "sqlalchemy/", "sqlite3", "psycopg", "medlens/service/db.py",
+                                            "medlens/service/deid.py")),
+    ("upload reading + multipart", ("multipart", "medlens/service/uploads.py", "starlette/formparsers.py")),
+    ("JSON responses", ("json", "pydantic", "medlens/service/schemas.py", "fastapi/encoders.py")),
+    ("auth, limits, metrics, middleware", ("medlens/service/auth.py", "medlens/service/limits.py",
+                                           "medlens/service/middleware.py", "medlens/service/metrics.py",
+                                           "prometheus_client", "medlens/service/security.py", "hashlib", "hmac")),
+    ("batching + model worker threads", ("medlens/service/batching.py", "concurrent/futures", "threading.py")),
+    ("HTTP server + event loop (uvicorn, starlette, asyncio)", ("uvicorn/", "h11", "httptools", "starlette/",
+                                                                 "fastapi/", "asyncio/", "anyio/", "selectors")),
+    ("logging", ("logging/",)),
+]
+
+
+def profile_server(server: Server, start: float, seconds: float, folder: Path) -> dict[str, Any] | None:
+    """py-spy (sampling, 100 Hz, every process of the server) for ``seconds`` from ``start`` (perf_counter):
+    the share of non-idle samples per category of :data:`PROFILE_CATEGORIES`, and the top functions by self
+    samples. None when py-spy is not installed (``pip install py-spy``) or cannot attach."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    time.sleep(max(0.0, start - time.perf_counter()))
+    out = folder / "profile.txt"
+    proc = subprocess.run([spy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--rate", "100",
+                           "--duration", str(int(seconds)), "--format", "raw", "--output", str(out)],
+                          capture_output=True, text=True, timeout=seconds + 60)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": f"py-spy failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"}
+    return summarise_profile(out.read_text(errors="replace"))
+
+
+#: innermost frames of a thread that waits rather than works (py-spy's own idle detection misses some)
+IDLE_LEAVES = ("select (selectors.py", "Condition.wait (threading.py", "Event.wait (threading.py",
+               "SimpleQueue.get", "Queue.get (queue.py", "_worker (concurrent/futures/thread.py")
+
+
+def summarise_profile(text: str) -> dict[str, Any]:
+    """Collapsed stacks (``frame;frame;... count``, outermost first) -> shares by category and top self frames,
+    over the samples of threads that were working (waiting threads are counted apart, as ``idle_samples``)."""
+    by_category: collections.Counter = collections.Counter()
+    by_self: collections.Counter = collections.Counter()
+    total = idle = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if any(frames[-1].startswith(leaf) for leaf in IDLE_LEAVES):
+            idle += n
+            continue
+        total += n
+        by_self[frames[-1][:160]] += n
+        for frame in reversed(frames):
+            category = next((name for name, patterns in PROFILE_CATEGORIES if any(p in frame for p in patterns)),
+                            None)
+            if category:
+                by_category[category] += n
+                break
+        else:
+            by_category["other"] += n
+    share = {k: round(v / total, 3) for k, v in by_category.most_common()} if total else {}
+    return {"samples": total, "idle_samples": idle, "share_by_category": share,
+            "top_self": [{"frame": f, "share": round(n / total, 3)} for f, n in by_self.most_common(15)]}
 
 
 def run_failures(run: dict[str, Any]) -> list[str]:
@@ -547,7 +680,41 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
                          if no_batching_mean else None),
             "per_round": spread(per_round, 2),
         }
+    pairs = [("batching", "peer"), ("workers-2", "peer-workers-2"), ("workers-2-pg", "peer-workers-2")]
+    out["medlens_over_peer"] = {}
+    for mine, peer in pairs:  # the same number of server processes on both sides
+        if mine in out and peer in out and out[peer]["throughput_rps"]["mean"]:
+            per_round = []
+            for k in sorted({r["round"] for r in runs}):
+                pair = {r["mode"]: r["throughput_rps"] for r in runs if r["round"] == k}
+                if pair.get(mine) is not None and pair.get(peer):
+                    per_round.append(pair[mine] / pair[peer])
+            out["medlens_over_peer"][f"{mine} / {peer}"] = {
+                "of_means": round(out[mine]["throughput_rps"]["mean"] / out[peer]["throughput_rps"]["mean"], 2),
+                "per_round": spread(per_round, 2)}
     return out
+
+
+def readme_workers_figure(result: dict[str, Any]) -> list[str]:
+    """README rows for issue 9's bar 3 (``workers-2`` on SQLite and PostgreSQL against the bare peer), from the
+    JSON only; modes that did not run are left out."""
+    summary, rows = result["summary"], []
+    ratios = summary.get("medlens_over_peer") or {}
+    for mode, database in (("workers-2", "SQLite"), ("workers-2-pg", "PostgreSQL")):
+        m = summary.get(mode)
+        if not m or m["throughput_rps"]["mean"] is None or m["latency_p99_ms"]["mean"] is None:
+            continue
+        t = m["throughput_rps"]
+        ratio = ratios.get(f"{mode} / peer-workers-2")
+        peer = (f"; bare FastAPI peer {summary['peer-workers-2']['throughput_rps']['mean']:.1f} req/s, medlens / "
+                f"peer {ratio['of_means']:.2f}x" if ratio else "")
+        rows.append(f"| API load, `--workers 2`, audit in {database}, {result['clients']} clients, "
+                    f"{result['seconds']:g} s x {m['runs']} runs (interleaved) | {t['mean']:.1f} req/s (runs "
+                    f"{t['min']:.1f}-{t['max']:.1f}), p50 {m['latency_p50_ms']['mean']:.0f} ms, p99 "
+                    f"{m['latency_p99_ms']['mean']:.0f} ms, {m['responses_5xx']} 5xx, "
+                    + ("audit rows = answers exactly" if m["audit_reconciled_every_run"] else "AUDIT NOT RECONCILED")
+                    + peer + " |")
+    return rows
 
 
 def readme_figure(result: dict[str, Any]) -> str | None:
@@ -650,7 +817,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0, help="load before the window, not in the statistics")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--modes", default="batching,no-batching",
-                   help="comma-separated: batching, no-batching, workers-2 (two server processes, one database)")
+                   help="comma-separated: batching, no-batching, workers-2 (two server processes, one database), "
+                        "workers-2-pg (the same, audit trail in a throwaway PostgreSQL server, fsync on), peer and "
+                        "peer-workers-2 (bench/peer_app.py: the same model behind a bare FastAPI endpoint)")
+    p.add_argument("--profile", type=float, default=0.0,
+                   help="after the measured runs, one more run per --profile-modes mode with py-spy sampling the "
+                        "server for this many seconds (not counted in the figures): where the time goes")
+    p.add_argument("--profile-modes", default="",
+                   help="comma-separated modes to profile (default: every mode of --modes)")
     p.add_argument("--repeats", type=int, default=2,
                    help="rounds; each runs every mode once, in the order A B A B ... (at least 2: a spread needs "
                         "two runs)")
@@ -673,15 +847,35 @@ def main(argv: list[str] | None = None) -> int:
     args.run = args.run.resolve()
     uploads = load_uploads(args.images, args.max_images)
 
+    profile_modes = [m.strip() for m in (args.profile_modes or args.modes).split(",") if m.strip()]
+    if unknown := [m for m in profile_modes if m not in MODES]:
+        p.error(f"unknown --profile-modes {unknown}")
     work = Path(tempfile.mkdtemp(prefix="medlens-load-"))
     runs: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    pg = None
     try:
+        if any(is_pg(m) for m in modes + (profile_modes if args.profile else [])):
+            sys.path.insert(0, str(ROOT / "tests"))  # the test suite's throwaway PostgreSQL server
+            from service_pg import start_pg_server
+
+            pg = start_pg_server(fsync=True)
         order = 0
         for round_no in range(1, args.repeats + 1):
             for mode in modes:  # A B, A B, ...: drift shows as spread within a mode, not between modes
                 order += 1
-                runs.append(run_once(mode, round_no, order, args, uploads, work))
+                runs.append(run_once(mode, round_no, order, args, uploads, work, pg))
+        if args.profile:
+            for mode in profile_modes:
+                order += 1
+                profiled = run_once(mode, 0, order, args, uploads, work, pg, profile=args.profile)
+                profiles[mode] = {"throughput_rps_while_profiled": profiled["throughput_rps"],
+                                  "passed": profiled["passed"], **(profiled.get("profile") or {})}
     finally:
+        if pg is not None:
+            from service_pg import stop_pg_server
+
+            stop_pg_server(pg)
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
@@ -722,11 +916,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "seconds they took during the window"),
         "runs": runs,
         "summary": summarise(runs, modes),
+        "profiles": profiles or None,
     }
     result["failures"] = [f"run {r['order']} ({r['mode']}): {f}" for r in runs for f in r["failures"]]
     result["passed"] = not result["failures"]
     try:  # a failed run (e.g. no 200 answers in a mode) has missing figures: record it, never lose the JSON
         result["readme"] = readme_figure(result) if result["passed"] else None
+        result["readme_workers"] = readme_workers_figure(result) if result["passed"] else []
     except (TypeError, KeyError) as exc:
         result["readme"] = None
         result["failures"].append(f"no README row: {exc}")
@@ -736,6 +932,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(result)
     if result["readme"]:
         print(f"README: {result['readme']}")
+    for row in result.get("readme_workers") or []:
+        print(f"README: {row}")
+    for mode, prof in (result.get("profiles") or {}).items():
+        print(f"profile {mode}: {prof.get('share_by_category') or prof.get('error')}")
     print(f"wrote {args.result}")
     return 0 if result["passed"] else 1
 

@@ -68,11 +68,12 @@ class PgServer:
         if self.run_as:
             os.chown(self.sockets, self.run_as["user"], self.run_as["group"])
 
-    def start(self, attempts: int = 3) -> None:
+    def start(self, attempts: int = 3, *, fsync: bool = False) -> None:
+        """fsync off for tests (a throwaway server); on (PostgreSQL's default durability) for benchmarks."""
         for _ in range(attempts):  # a free port can be taken between the probe and the bind: try another
             self.port = free_port()
-            options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-                       "-c max_connections=60")
+            options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+                       f"-c fsync={'on' if fsync else 'off'} -c max_connections=60")
             out = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w",
                             "-t", "60", "start", timeout=90)
             if out.returncode == 0:
@@ -111,7 +112,7 @@ def _run_as() -> dict[str, Any]:
     return {}  # unreachable
 
 
-def start_pg_server() -> PgServer:
+def start_pg_server(*, fsync: bool = False) -> PgServer:
     """A running throwaway server (stop it with :func:`stop_pg_server`).
 
     PostgreSQL or psycopg not installed: the test fails under ``CI=true`` and is skipped elsewhere. Installed
@@ -132,7 +133,7 @@ def start_pg_server() -> PgServer:
     server = PgServer(bindir, root, run_as)
     try:
         server.init()
-        server.start()
+        server.start(fsync=fsync)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         stop_pg_server(server)
         pytest.fail(f"PostgreSQL is installed ({bindir}) but the throwaway server did not start: {exc}")
