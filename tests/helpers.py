@@ -325,9 +325,10 @@ def ood_fixture(shared: Path, dst: Path, n_kermany: int = 5, n_breast: int = 5) 
     return out
 
 
-def clinician_app(run: Path, tmp_path_factory, name: str, user: str):
+def clinician_app(run: Path, tmp_path_factory, name: str, user: str, **app_options):
     """``(app, key)``: the service app on a private copy of ``run`` with its own SQLite audit database, no rate
-    limit, and one clinician key for ``user`` (service imports are local: not every test file has the extra)."""
+    limit, and one clinician key for ``user`` (service imports are local: not every test file has the extra);
+    ``app_options`` go to ``create_app`` (e.g. ``backend="onnx"``)."""
     import dataclasses
 
     from medlens.service.app import create_app
@@ -339,4 +340,4 @@ def clinician_app(run: Path, tmp_path_factory, name: str, user: str):
     settings = dataclasses.replace(ServiceSettings.load(own, database=db, env={}), rate_limit_per_minute=0)
     with KeyStore(settings.database_url) as store:
         key = store.create(user, "clinician")
-    return create_app(own, settings), key
+    return create_app(own, settings, **app_options), key

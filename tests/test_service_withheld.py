@@ -87,7 +87,8 @@ def test_a_failed_commit_after_the_wait_answers_503_and_logs_no_orphaned_error(t
     import gc
     import logging
 
-    from medlens.service import committer, db as service_db, middleware
+    from medlens.service import committer, middleware
+    from medlens.service import db as service_db
 
     monkeypatch.setattr(middleware, "AUDIT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(service_db, "BUSY_TIMEOUT_MS", 2000)

@@ -119,9 +119,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = _resolve_data(args.data)
     if _run_task(args.run) == "segmentation":
         return _evaluate_segmentation(args, data)
+    backend = getattr(args, "backend", "torch")
     result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap,
-                      masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False))
-    out = rundir.eval_dir(args.run, args.split)
+                      masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False), backend=backend)
+    out = rundir.eval_dir(args.run, args.split if backend == "torch" else f"{args.split}-{backend}")
     keys = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece")
     print(f"{args.split}: n={result['n']}  threshold={result['threshold']:.4f}")
     for k in keys:
@@ -159,6 +160,26 @@ def _evaluate_segmentation(args: argparse.Namespace, data: Path) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medlens.export import export_dir, export_run
+
+    card = export_run(args.run, _resolve_data(args.data), int8=args.int8, calibration=args.calibration,
+                      opset=args.opset, progress=not args.no_progress)
+    parity = card["parity"]
+    print(f"exported {card['source']['model_id']} to {export_dir(args.run)} (opset {card['opset']}, "
+          f"{card['seconds']:.1f} s)")
+    print(f"  onnx       {card['files']['onnx']['bytes'] / 1e6:.2f} MB; max |logit - torch| "
+          f"{parity['fp32_max_abs_logit_diff']:.2e} on {parity['n']} validation images; val AUC "
+          f"{parity['onnx']['auc']:.4f} (torch {parity['torch']['auc']:.4f})")
+    if "onnx-int8" in card["files"]:
+        print(f"  onnx-int8  {card['files']['onnx-int8']['bytes'] / 1e6:.2f} MB; val AUC "
+              f"{parity['onnx-int8']['auc']:.4f}, accuracy {parity['onnx-int8']['accuracy']:.4f} (fp32 "
+              f"{parity['onnx']['accuracy']:.4f}); calibrated on {card['calibration']['n']} training images")
+    if parity.get("warning"):
+        print(f"  warning: {parity['warning']}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from medlens.seg.predict import segment_files, to_json_lines
 
@@ -179,7 +200,7 @@ def _default_masks() -> Path | None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from medlens.inference import Predictor, to_json_lines
 
-    predictor = Predictor.from_run(args.run, device=args.device)
+    predictor = Predictor.from_run(args.run, device=args.device, backend=args.backend)
     results = predictor.predict(args.files, uncertainty=args.uncertainty)
     print(to_json_lines(results))
     return 1 if any("error" in r for r in results) else 0
@@ -289,7 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings.load(run, database=args.db)
     if getattr(args, "workers", 1) > 1:
         return _serve_workers(args, run, settings)
-    app = create_app(run, settings, batching=not args.no_batching)
+    app = create_app(run, settings, batching=not args.no_batching, backend=args.backend)
     print(f"medlens: serving {run} on http://{args.host}:{args.port} (API docs at /docs; "
           f"{'micro-batching' if not args.no_batching else 'no batching'}); create keys with "
           "`medlens keys create NAME --role clinician --db ...`", file=sys.stderr)
@@ -319,13 +340,20 @@ def _serve_workers(args: argparse.Namespace, run: Path, settings) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.update({SERVE_ENV["run"]: str(run.resolve()), SERVE_ENV["database"]: settings.database_url,
                        SERVE_ENV["batching"]: "0" if args.no_batching else "1",
-                       SERVE_ENV["model_workers"]: str(max(1, cores // args.workers))})
+                       SERVE_ENV["model_workers"]: str(max(1, cores // args.workers)),
+                       SERVE_ENV["backend"]: args.backend})
     print(f"medlens: serving {run} on http://{args.host}:{args.port} with {args.workers} processes sharing "
           f"{settings.database_url.split('://')[0]} audit database", file=sys.stderr)
     uvicorn.run("medlens.service.app:app_from_env", factory=True, workers=args.workers, host=args.host,
                 port=args.port, log_level="info", timeout_graceful_shutdown=10,
                 access_log=not getattr(args, "no_access_log", False), **uvicorn_options(settings))
     return 0
+
+
+#: medlens.export.BACKENDS (not imported here: that would load torch for every command)
+BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKEND_HELP = ("torch (default: the run's weights), onnx or onnx-int8 (ONNX Runtime on the CPU; make them with "
+                "`medlens export RUN --data DATA [--int8]`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--masks", default=None, metavar="DIR", help="chest X-rays with lung masks (manifest.csv with "
                    "image,mask, or images/ + masks/): report the share of heat-map energy inside the lungs")
     e.add_argument("--no-trust", action="store_true", help="skip uncertainty, referral and explanation checks")
+    e.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP + "; results go to "
+                   "RUN/eval/SPLIT-BACKEND")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
@@ -373,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", metavar="RUN")
     r.add_argument("files", nargs="+", metavar="FILE")
     r.add_argument("--device", default="auto")
+    r.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
     # the methods are medlens.uncertainty.UNCERTAINTY_METHODS, checked by Predictor.predict (importing them
     # here would load torch for every command, `medlens --help` included)
     r.add_argument("--uncertainty", default=None, metavar="METHOD",
@@ -428,11 +459,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "MEDLENS_DATABASE_URL, else RUN/audit.db)")
     sv.add_argument("--workers", type=int, default=1, metavar="N",
                     help="server processes (default 1); they share the audit database (SQLite WAL or PostgreSQL)")
+    sv.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
     sv.add_argument("--no-batching", action="store_true",
                     help="one forward pass per request instead of micro-batching (for comparison)")
     sv.add_argument("--no-access-log", action="store_true",
                     help="do not log each HTTP request to stderr (the audit trail records every /v1 request anyway)")
     sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="export a run to ONNX (and INT8) with a parity check: RUN/export/")
+    ex.add_argument("run", metavar="RUN")
+    ex.add_argument("--data", required=True, metavar="DATA",
+                    help="the data the run was trained on: validation images check parity, training images "
+                         "calibrate INT8 (never test)")
+    ex.add_argument("--format", default="onnx", choices=["onnx"], help="onnx (the one format built)")
+    ex.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ quantisation)")
+    ex.add_argument("--calibration", type=int, default=256, metavar="N",
+                    help="training images that calibrate the INT8 ranges (default 256)")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     from medlens.service.commands import add_commands
 

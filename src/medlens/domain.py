@@ -125,6 +125,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor, *, intensity: str, b
                     device: torch.device | None = None) -> np.ndarray:
     """(N, D) float64 pooled penultimate features of uint8 images (N, 1, S, S); ensembles: member 0's."""
     first = model.members[0] if hasattr(model, "members") else model
+    if hasattr(first, "logits_and_pooled"):  # an ONNX Runtime session (medlens.export): its graph gives them
+        return logits_and_pooled(first, images, intensity=intensity, batch_size=batch_size)[1]
     device = device or model_device(first)
     out = []
     with modes_restored(first), torch.no_grad():
@@ -145,6 +147,10 @@ def logits_and_pooled(model: nn.Module, images: torch.Tensor, *, intensity: str,
     member 0's, their logits the ensemble's)."""
     from medlens.forward import autocast
 
+    if hasattr(model, "logits_and_pooled"):  # an ONNX Runtime session (medlens.export): one graph call
+        pairs = [model.logits_and_pooled(normalize_batch(images[i:i + batch_size], intensity))
+                 for i in range(0, len(images), batch_size)]
+        return torch.cat([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
     device = device or model_device(model)
     logits, feats = [], []
     with modes_restored(model), torch.no_grad():

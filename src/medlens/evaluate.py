@@ -6,6 +6,7 @@ The threshold comes from the model card (chosen on validation during training) a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -125,13 +126,17 @@ def _append_trace(run_dir: Path, card: ModelCard, split: str, data, fingerprint:
 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, progress: bool = True,
-             n_bootstrap: int | None = None, masks: str | Path | None = None, trust: bool = True) -> dict:
+             n_bootstrap: int | None = None, masks: str | Path | None = None, trust: bool = True,
+             backend: str = "torch") -> dict:
     """Metrics with intervals, calibration, uncertainty and referral, explanations and their faithfulness
     (``trust=False`` skips the last two), written to ``RUN/eval/SPLIT`` (metrics.json, predictions.csv,
-    report.html). ``masks``: a folder of chest X-rays with lung masks for the lung-energy check."""
+    report.html). ``masks``: a folder of chest X-rays with lung masks for the lung-energy check.
+    ``backend``: ``onnx`` / ``onnx-int8`` (``medlens export``) computes the metrics with ONNX Runtime and writes
+    ``RUN/eval/SPLIT-BACKEND``; the trust checks (MC dropout, heat maps and their faithfulness) need the torch
+    network and run on it, as the report says."""
     run_dir = Path(run_dir)
     cfg = rundir.run_config(run_dir)
-    predictor = Predictor.from_run(run_dir)
+    predictor = Predictor.from_run(run_dir, backend=backend)
     card = predictor.card
     table = discover(data, patient_pattern=cfg.data.patient_pattern, strict=cfg.data.strict)
     if list(table.classes) != list(card.class_names):
@@ -178,10 +183,12 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
                      "path": table.items[loaded.keep[i]], "kind": kind} for i in chosen]
 
     paths = [table.items[i] for i in loaded.keep]
-    checks = _trust(predictor, loaded.images, y, prob, paths, cfg, masks) if trust else {}
+    trust_predictor = predictor if backend == "torch" else dataclasses.replace(
+        predictor, model=predictor.torch_model, backend="torch", torch_model=None)
+    checks = _trust(trust_predictor, loaded.images, y, prob, paths, cfg, masks) if trust else {}
     columns = checks.get("selective", {}).pop("columns", {})
 
-    n_params = sum(p.numel() for p in predictor.model.parameters())
+    n_params = sum(p.numel() for p in trust_predictor.model.parameters())
     summary = {
         "data": {"source": str(data), "split": split, "images": int(len(y)),
                  "per class": {c: int((y == i).sum()) for i, c in enumerate(card.class_names)},
@@ -191,21 +198,23 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
                   "best epoch": card.epoch, "operating threshold": round(threshold, 4),
                   "threshold policy": card.threshold_policy,
                   "validation AUC": round(card.metrics.get("val", {}).get("auc", float("nan")), 4),
-                  "split hash": card.split_hash[:16]},
+                  "split hash": card.split_hash[:16], "backend": backend if backend == "torch" else
+                  f"{backend} ({predictor.model.path.name}, ONNX Runtime); uncertainty and heat-map checks on the "
+                  "torch network"},
     }
     summary["domain (external validation)"] = external.summary(domain, card.class_names)
     if calibration:
         summary["calibration"] = calibration
-    out = rundir.eval_dir(run_dir, split)
+    out = rundir.eval_dir(run_dir, split if backend == "torch" else f"{split}-{backend}")
     out.mkdir(parents=True, exist_ok=True)
-    result = {**metrics, "split": split, "model_id": card.model_id, "policy_hash": card.policy_hash,
+    result = {**metrics, "split": split, "backend": backend, "model_id": card.model_id, "policy_hash": card.policy_hash,
               "weights_sha256": card.weights_sha256, "subgroups": subgroups, "domain": domain,
               "calibration": calibration, "uncertainty": checks.get("selective"),
               "faithfulness": checks.get("faithfulness"), "lung_energy": checks.get("lung_energy"),
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
     _append_trace(run_dir, card, split, data, table.subset(loaded.keep).fingerprint(), loaded.images, y, metrics)
-    record_evaluation(run_dir, split, {
+    record_evaluation(run_dir, split if backend == "torch" else f"{split}-{backend}", {
         "data fingerprint": table.fingerprint()[:16], "n": int(len(y)),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: metrics[k]["value"] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")},

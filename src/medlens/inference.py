@@ -35,10 +35,20 @@ class Predictor:
     gate: DomainGate | None = None
     #: the lung crop of an anatomy-aware run (``medlens.seg.crop``), else ``None``
     crop: LungCropper | None = None
+    #: ``torch``, or ``onnx`` / ``onnx-int8`` (``medlens.export``): then ``model`` is an ONNX Runtime session and
+    #: ``torch_model`` the run's torch network, kept for heat maps (they need gradients)
+    backend: str = "torch"
+    torch_model: nn.Module | None = None
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> Predictor:
-        dev = resolve_device(device)
+    def from_run(cls, run_dir: str | Path, device: str = "auto", backend: str = "torch") -> Predictor:
+        """``backend``: ``torch`` (the run's weights), ``onnx`` or ``onnx-int8`` (``RUN/export/``, made by
+        ``medlens export``; ONNX Runtime on the CPU)."""
+        from medlens.export import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
+        dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
         model, card = load_checkpoint(Path(run_dir), map_location=dev)
         if card.task != "classification":
             raise ConfigError(f"{run_dir} is a {card.task} run: it gives masks, not labels",
@@ -46,8 +56,15 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
-        return cls(model=model, card=card, device=dev, gate=DomainGate.for_run(run_dir, card.domain),
-                   crop=lung_cropper(card.preprocess, run_dir))
+        common = {"card": card, "device": dev, "gate": DomainGate.for_run(run_dir, card.domain),
+                  "crop": lung_cropper(card.preprocess, run_dir)}
+        if backend == "torch":
+            return cls(model=model, **common)
+        from medlens.export import OrtClassifier, backend_file, check_export
+
+        path = backend_file(run_dir, backend)
+        check_export(run_dir, card, path)
+        return cls(model=OrtClassifier(path), backend=backend, torch_model=model, **common)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """float [0, 1] HxW image -> uint8 (1, 1, S, S) network input, as in training (the card's size and
@@ -71,6 +88,9 @@ class Predictor:
         ``softmax``: one pass; ``mc``: MC dropout (20 passes); ``tta``: test-time augmentation (8 passes, the
         first unchanged); ``ensemble``: the members of an ensemble run. Adds ``refer`` (bool) where the card
         holds a referral threshold for ``method``."""
+        if method == "mc" and self.backend != "torch":
+            raise ConfigError(f"MC dropout runs the torch network's dropout layers; the {self.backend} backend's "
+                              "graph has none", hint="use --backend torch for MC dropout, or softmax / tta here")
         refer = self.card.refer or {}
         out = predictive(self.model, images, method, intensity=self.card.intensity,
                          temperature=self.card.temperature, threshold=self.card.threshold,
@@ -118,7 +138,9 @@ class Predictor:
         """``medlens.explain.explain`` on this model with the layer named in its card; ``x`` is network input."""
         from medlens.explain import explain
 
-        return explain(self.model, x, method, target=target, **self.explain_options(method))
+        # heat maps need the torch network's gradients: with an ONNX backend, the run's torch model (same weights)
+        model = self.torch_model if self.torch_model is not None else self.model
+        return explain(model, x, method, target=target, **self.explain_options(method))
 
     def refer_note(self, method: str) -> str:
         """What ``refer`` means for ``method``, in words (for JSON output and the viewer)."""

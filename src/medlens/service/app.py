@@ -74,7 +74,7 @@ __all__ = ["create_app"]
 
 #: the environment ``medlens serve --workers N`` hands to each server process (see :func:`app_from_env`)
 SERVE_ENV = {"run": "MEDLENS_SERVE_RUN", "database": "MEDLENS_SERVE_DATABASE", "batching": "MEDLENS_SERVE_BATCHING",
-             "model_workers": "MEDLENS_SERVE_MODEL_WORKERS"}
+             "model_workers": "MEDLENS_SERVE_MODEL_WORKERS", "backend": "MEDLENS_SERVE_BACKEND"}
 
 
 def app_from_env() -> FastAPI:
@@ -83,12 +83,13 @@ def app_from_env() -> FastAPI:
     run = os.environ[SERVE_ENV["run"]]
     settings = ServiceSettings.load(run, database=os.environ[SERVE_ENV["database"]])
     return create_app(run, settings, batching=os.environ.get(SERVE_ENV["batching"], "1") == "1",
-                      workers=int(os.environ.get(SERVE_ENV["model_workers"], "1")))
+                      workers=int(os.environ.get(SERVE_ENV["model_workers"], "1")),
+                      backend=os.environ.get(SERVE_ENV["backend"], "torch"))
 
 
 def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = None, *, batching: bool = True,
                device: str = "auto", workers: int | None = None, torch_threads: int | None = None,
-               cache_size: int = INPUT_CACHE_SIZE) -> FastAPI:
+               cache_size: int = INPUT_CACHE_SIZE, backend: str = "torch") -> FastAPI:
     """The service for the trained run in ``run_dir``.
 
     ``settings`` default to :meth:`ServiceSettings.load(run_dir) <ServiceSettings.load>` (environment and
@@ -104,7 +105,7 @@ def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = No
     run_dir = Path(run_dir)
     settings = settings or ServiceSettings.load(run_dir)
     state = ServiceState(run_dir, settings, batching=batching, device=device, torch_threads=torch_threads,
-                         workers=workers, cache_size=cache_size)
+                         workers=workers, cache_size=cache_size, backend=backend)
 
     app = FastAPI(
         title="medlens",

@@ -86,8 +86,9 @@ class ServiceState:
     """
 
     def __init__(self, run_dir: Path, settings: ServiceSettings, *, batching: bool, device: str,
-                 torch_threads: int | None, workers: int | None, cache_size: int):
+                 torch_threads: int | None, workers: int | None, cache_size: int, backend: str = "torch"):
         self.run_dir = run_dir
+        self.backend = backend
         self.settings = settings
         self.batching = batching
         self.device = device
@@ -147,7 +148,7 @@ class ServiceState:
         self._quiet_dicom_validation()
         self._raise_pillow_limit()
         started = time.perf_counter()
-        self.predictor = Predictor.from_run(self.run_dir, device=self.device)
+        self.predictor = Predictor.from_run(self.run_dir, device=self.device, backend=self.backend)
         card = self.predictor.card
         self.methods = available_methods(self.predictor.model)
         engine = create_engine(self.settings.database_url)
@@ -169,8 +170,8 @@ class ServiceState:
         self.runner.start()
         self.metrics.set_model(card.model_id, card.weights_sha256, medlens.__version__)
         self.ready = True
-        log.info("serving %s (%s) on %s with %s; %d model workers x %d torch threads; model loaded in %.1f s; "
-                 "settings %s", card.model_id, self.run_dir, self.predictor.device,
+        log.info("serving %s (%s) on %s (%s backend) with %s; %d model workers x %d torch threads; model loaded in "
+                 "%.1f s; settings %s", card.model_id, self.run_dir, self.predictor.device, self.backend,
                  "micro-batching" if self.batching else "one forward pass per request", workers,
                  torch.get_num_threads(), time.perf_counter() - started, json.dumps(self.settings.public_dict()))
 
