@@ -89,7 +89,9 @@ DEFAULT_IMAGES = SHARED / "chest_xray" / "test"
 DEFAULT_RESULT = ROOT / "bench" / "results" / "load_service-cpu.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"],
-         "workers-2-pg": ["--workers", "2"], "peer": [], "peer-workers-2": ["--workers", "2"]}
+         "workers-2-pg": ["--workers", "2"], "peer": [], "peer-workers-2": ["--workers", "2"],
+         "batching-int8": ["--backend", "onnx-int8"], "workers-2-int8": ["--workers", "2", "--backend", "onnx-int8"]}
+#: ``*-int8`` modes serve the run's ONNX Runtime INT8 export (``medlens export RUN --data DATA --int8`` first)
 #: ``*-pg`` modes keep the audit trail in PostgreSQL (a throwaway server started by this script, fsync on);
 #: ``peer*`` modes run bench/peer_app.py (the same model behind a bare FastAPI endpoint: no auth, no audit)
 PEER_APP = Path(__file__).resolve().parent / "peer_app.py"
@@ -680,7 +682,8 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
                          if no_batching_mean else None),
             "per_round": spread(per_round, 2),
         }
-    pairs = [("batching", "peer"), ("workers-2", "peer-workers-2"), ("workers-2-pg", "peer-workers-2")]
+    pairs = [("batching", "peer"), ("workers-2", "peer-workers-2"), ("workers-2-pg", "peer-workers-2"),
+             ("workers-2-int8", "workers-2"), ("batching-int8", "batching")]
     out["medlens_over_peer"] = {}
     for mine, peer in pairs:  # the same number of server processes on both sides
         if mine in out and peer in out and out[peer]["throughput_rps"]["mean"]:
@@ -818,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--modes", default="batching,no-batching",
                    help="comma-separated: batching, no-batching, workers-2 (two server processes, one database), "
+                        "batching-int8 and workers-2-int8 (the same with --backend onnx-int8), "
                         "workers-2-pg (the same, audit trail in a throwaway PostgreSQL server, fsync on), peer and "
                         "peer-workers-2 (bench/peer_app.py: the same model behind a bare FastAPI endpoint)")
     p.add_argument("--profile", type=float, default=0.0,
