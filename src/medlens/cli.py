@@ -180,6 +180,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from medlens.compress import prune_run
+
+    card = prune_run(args.run, _resolve_data(args.data), args.out, sparsity=args.sparsity,
+                     structured=args.structured, epochs=args.epochs, progress=not args.no_progress)
+    p = card.metrics["pruned_from"]
+    print(f"pruned {p['model_id']} -> {card.model_id} in {args.out}: widths {p['widths'][0]} -> {p['widths'][1]}, "
+          f"{p['macs'][0] / 1e6:.1f}M -> {p['macs'][1] / 1e6:.1f}M MACs; val AUC {card.metrics['val']['auc']:.4f} "
+          f"after {args.epochs} fine-tuning epochs")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from medlens.compress import distill_run
+
+    try:
+        student_args = json.loads(args.student_args) if args.student_args else {}
+    except ValueError as exc:
+        raise MedlensError(f"--student-args is not JSON ({exc})", hint='e.g. --student-args \'{"widths": [8, 16, 32, 64]}\'') from None
+    card = distill_run(args.teacher, _resolve_data(args.data), args.out, student=args.student,
+                       student_args=student_args, epochs=args.epochs, temperature=args.temperature, alpha=args.alpha,
+                       progress=not args.no_progress)
+    d = card.metrics["distilled_from"]
+    print(f"distilled {d['model_id']} ({d['macs']['teacher'] / 1e6:.1f}M MACs) into {card.model_id} "
+          f"({d['macs']['student'] / 1e6:.1f}M MACs) in {args.out}; val AUC {card.metrics['val']['auc']:.4f}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from medlens.seg.predict import segment_files, to_json_lines
 
@@ -478,6 +506,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17)
     ex.add_argument("--no-progress", action="store_true")
     ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prune", help="structured channel pruning of a run + a short fine-tune: a smaller run")
+    pr.add_argument("run", metavar="RUN")
+    pr.add_argument("--data", required=True, metavar="DATA", help="the data the run was trained on (same split)")
+    pr.add_argument("--out", required=True, metavar="NEW_RUN")
+    pr.add_argument("--sparsity", type=float, required=True, metavar="S", help="share of channels removed (0-1)")
+    pr.add_argument("--structured", action="store_true", help="remove channels (the one mode built)")
+    pr.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_prune)
+
+    ds = sub.add_parser("distill", help="train a smaller student on a teacher run's soft targets and the labels")
+    ds.add_argument("teacher", metavar="TEACHER_RUN")
+    ds.add_argument("--student", required=True, metavar="NAME", help="a registered architecture (medlens models)")
+    ds.add_argument("--student-args", default="", metavar="JSON", help='its options, e.g. \'{"widths": [8, 16, 32, 64]}\'')
+    ds.add_argument("--data", required=True, metavar="DATA", help="the teacher's data (same split)")
+    ds.add_argument("--out", required=True, metavar="NEW_RUN")
+    ds.add_argument("--epochs", type=int, default=None, help="default: the teacher's")
+    ds.add_argument("--temperature", type=float, default=4.0)
+    ds.add_argument("--alpha", type=float, default=0.7, help="weight of the teacher term (1 - alpha: labels)")
+    ds.add_argument("--no-progress", action="store_true")
+    ds.set_defaults(func=cmd_distill)
 
     from medlens.service.commands import add_commands
 

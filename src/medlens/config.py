@@ -101,6 +101,13 @@ class TrainConfig:
     eval_batch_size: int = 256
     # deep ensemble: members trained with seeds seed, seed+1, ... on the same split (`--ensemble K`)
     ensemble: int = 1
+    # start from these weights (a .safetensors file matching model.name / model.args) instead of a random init:
+    # the fine-tune after `medlens prune`
+    init_weights: str = ""
+    # knowledge distillation (`medlens distill`): a teacher run whose softened logits the student also learns
+    teacher: str = ""
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.7  # weight of the teacher term; 1 - alpha on the labels
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -33,6 +33,30 @@ class _FocalCE(nn.Module):
         return self.loss(logits.float(), target[:, None])
 
 
+class DistillationLoss(nn.Module):
+    """Knowledge distillation (Hinton et al., 2015): ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student
+    / T)) + (1 - alpha) * label_loss``. The teacher (frozen, eval mode) sees the same augmented, normalised batch
+    as the student, so the soft targets describe the image the student is trained on. T^2 keeps the soft term's
+    gradients on the scale of the label term's whatever the temperature. Written here: MONAI has no
+    distillation loss, and this is the textbook form in a few lines."""
+
+    needs_input = True
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, *, temperature: float = 4.0, alpha: float = 0.7):
+        super().__init__()
+        if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"distillation needs temperature > 0 and 0 <= alpha <= 1 (got {temperature}, {alpha})")
+        self.base, self.temperature, self.alpha = base, float(temperature), float(alpha)
+        self.teacher = [teacher.eval().requires_grad_(False)]  # a list: not a submodule (never saved or trained)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        with torch.no_grad():
+            soft = torch.softmax(self.teacher[0](x).float() / t, dim=1)
+        kd = nn.functional.kl_div(torch.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * (t * t)
+        return self.alpha * kd + (1.0 - self.alpha) * self.base(logits, labels)
+
+
 def make_loss(imbalance: str, counts: torch.Tensor, *, focal_gamma: float = 2.0,
               label_smoothing: float = 0.0) -> nn.Module:
     if imbalance not in IMBALANCE_CHOICES:

@@ -42,7 +42,7 @@ from medlens.data.split import assert_patient_disjoint, patient_grouped_split, s
 from medlens.domain import fit_domain, intended_use
 from medlens.errors import ConfigError, DataError
 from medlens.forward import autocast, predict_logits, probabilities, resolve_device
-from medlens.losses import make_loss
+from medlens.losses import DistillationLoss, make_loss
 from medlens.metrics import binary_metrics, choose_threshold, expected_calibration_error
 from medlens.models import create_model
 from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, save_checkpoint
@@ -119,11 +119,45 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     if x.device.type == "cuda" and channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, amp):
-        loss = loss_fn(model(x).float(), labels)
+        logits = model(x).float()
+        loss = loss_fn(logits, labels, x) if getattr(loss_fn, "needs_input", False) else loss_fn(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    """Start from ``path``'s weights (``train.init_weights``); a file that does not fit the network is named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise DataError(f"{path}: cannot read the initial weights ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(f"{path}: the initial weights do not fit model.name / model.args "
+                        f"({str(exc).splitlines()[0][:300]})") from None
+    log.info("initial weights from %s", path)
+
+
+def _load_teacher(cfg: Config, run: Path, intensity: str, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher of a distillation; it must see what the student sees (same input size, intensity and
+    preprocessing), or its soft targets would describe other images."""
+    teacher, card = load_checkpoint(run, map_location=device)
+    mine = {"input size": cfg.data.image_size, "intensity": intensity,
+            "preprocess": {k: v for k, v in cfg.data.preprocess_options().items() if k != "lung_crop"}}
+    theirs = {"input size": card.input_size, "intensity": card.intensity,
+              "preprocess": {k: v for k, v in (card.preprocess or {}).items() if k != "lung_crop"}}
+    if mine != theirs:
+        raise ConfigError(f"the teacher {run} was trained on other inputs than this student ({theirs} vs {mine})",
+                          hint="distil with the teacher's data settings (medlens distill copies them)")
+    log.info("distilling from %s (%s), temperature %g, alpha %g", run, card.model_id, cfg.train.distill_temperature,
+             cfg.train.distill_alpha)
+    return teacher.to(device).eval()
 
 
 def _selection_and_calibration(cfg: Config, y_val: np.ndarray, patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -295,6 +329,8 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
     seed_everything(seed)
     n = len(d.x_train)
     model = create_model(cfg.model.name, num_classes=len(d.table.classes), in_chans=1, **cfg.model.args)
+    if tc.init_weights:
+        _load_init_weights(model, Path(tc.init_weights))
     model.to(device)
     if device.type == "cuda" and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -307,6 +343,9 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
         optimizer, lr_schedule(max(1, int(tc.warmup_epochs * steps_per_epoch)), total_steps))
     loss_fn = make_loss(tc.imbalance, d.counts, focal_gamma=tc.focal_gamma,
                         label_smoothing=tc.label_smoothing).to(device)
+    if tc.teacher:
+        loss_fn = DistillationLoss(loss_fn, _load_teacher(cfg, Path(tc.teacher), intensity, device),
+                                   temperature=tc.distill_temperature, alpha=tc.distill_alpha)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     augment = BatchAugment(tc.augment, aug_gen)
