@@ -186,8 +186,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     card = prune_run(args.run, _resolve_data(args.data), args.out, sparsity=args.sparsity,
                      structured=args.structured, epochs=args.epochs, progress=not args.no_progress)
     p = card.metrics["pruned_from"]
-    print(f"pruned {p['model_id']} -> {card.model_id} in {args.out}: widths {p['widths'][0]} -> {p['widths'][1]}, "
-          f"{p['macs'][0] / 1e6:.1f}M -> {p['macs'][1] / 1e6:.1f}M MACs; val AUC {card.metrics['val']['auc']:.4f} "
+    what = (f"widths {p['widths'][0]} -> {p['widths'][1]}, {p['macs'][0] / 1e6:.1f}M -> {p['macs'][1] / 1e6:.1f}M MACs"
+            if "widths" in p else f"{p['zero_share_of_pruned_weights']:.0%} of conv / linear weights at zero "
+                                  "(same size and speed: use --structured for a smaller network)")
+    print(f"pruned {p['model_id']} -> {card.model_id} in {args.out}: {what}; val AUC {card.metrics['val']['auc']:.4f} "
           f"after {args.epochs} fine-tuning epochs")
     return 0
 
@@ -512,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, metavar="DATA", help="the data the run was trained on (same split)")
     pr.add_argument("--out", required=True, metavar="NEW_RUN")
     pr.add_argument("--sparsity", type=float, required=True, metavar="S", help="share of channels removed (0-1)")
-    pr.add_argument("--structured", action="store_true", help="remove channels (the one mode built)")
+    pr.add_argument("--structured", action="store_true", help="remove channels: a narrower, faster network "
+                    "(default: zero the smallest weights, global L1, same size)")
     pr.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_prune)

@@ -104,6 +104,9 @@ class TrainConfig:
     # start from these weights (a .safetensors file matching model.name / model.args) instead of a random init:
     # the fine-tune after `medlens prune`
     init_weights: str = ""
+    # keep these weights at zero while training (a .safetensors of 0/1 masks by parameter name): the fine-tune
+    # after unstructured `medlens prune`
+    weight_masks: str = ""
     # knowledge distillation (`medlens distill`): a teacher run whose softened logits the student also learns
     teacher: str = ""
     distill_temperature: float = 4.0

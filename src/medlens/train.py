@@ -144,6 +144,26 @@ def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
     log.info("initial weights from %s", path)
 
 
+def _load_weight_masks(model: torch.nn.Module, path: Path, device: torch.device
+                       ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """``(parameter, 0/1 mask)`` pairs from ``train.weight_masks``, applied once now and after every step."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        masks = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise DataError(f"{path}: cannot read the weight masks ({exc})") from None
+    params = dict(model.named_parameters())
+    out = []
+    for name, mask in masks.items():
+        if name not in params or params[name].shape != mask.shape:
+            raise DataError(f"{path}: mask {name} {tuple(mask.shape)} does not fit the network")
+        params[name].data.mul_(mask)
+        out.append((params[name], mask.to(device=device, dtype=params[name].dtype)))
+    return out
+
+
 def _load_teacher(cfg: Config, run: Path, intensity: str, device: torch.device) -> torch.nn.Module:
     """The frozen teacher of a distillation; it must see what the student sees (same input size, intensity and
     preprocessing), or its soft targets would describe other images."""
@@ -331,6 +351,7 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
     model = create_model(cfg.model.name, num_classes=len(d.table.classes), in_chans=1, **cfg.model.args)
     if tc.init_weights:
         _load_init_weights(model, Path(tc.init_weights))
+    masks = _load_weight_masks(model, Path(tc.weight_masks), device) if tc.weight_masks else []
     model.to(device)
     if device.type == "cuda" and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -392,6 +413,10 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
                               optimizer=optimizer, intensity=intensity, amp=tc.amp,
                               channels_last=tc.channels_last)
             scheduler.step()
+            if masks:  # pruned weights stay pruned: the optimiser's step (momentum, decay) may have moved them
+                with torch.no_grad():
+                    for param, mask in masks:
+                        param.mul_(mask)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         p_val = probabilities(predict_logits(model, d.x_val, intensity=intensity, device=device,
