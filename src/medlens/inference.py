@@ -180,8 +180,10 @@ class Predictor:
             images.append(image)
             metas.append(meta)
         if batch:
-            verdicts = self.domain_verdicts(images, metas, torch.cat(batch))
-            extra = self.predict_with_uncertainty(torch.cat(batch), method)
+            extra = self.predict_and_score(torch.cat(batch), method)  # one pass: prediction + in-domain score
+            gate = self.gate or DomainGate(self.card.domain)
+            verdicts = [gate.verdict(image, meta, float(score))
+                        for image, meta, score in zip(images, metas, extra.pop("domain_score"), strict=True)]
             probs = extra.pop("probability")
             refer = extra.pop("refer", None)
             note = self.refer_note(method)
