@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULT = ROOT / "bench" / "results" / "edge-cpu.json"
 BACKENDS = ("torch", "onnx", "onnx-int8")
+#: measured too when OpenVINO is installed (``pip install openvino``; not a medlens dependency): the same ONNX files
+#: compiled by OpenVINO's CPU plugin, to see whether it would beat ONNX Runtime on this CPU before choosing it
+OPENVINO = ("openvino", "openvino-int8")
 
 
 # -------------------------------------------------------------------------------------------- the child
@@ -54,12 +57,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     threads = spec["threads"]
     torch.set_num_threads(threads)
     if spec["kind"] == "run":
-        from medlens.export import OrtClassifier, backend_file
+        from medlens.export import backend_file
         from medlens.models.card import load_checkpoint
 
         model, card = load_checkpoint(spec["path"])
         size, chans = card.input_size, card.in_chans
-        onnx_path = None if spec["backend"] == "torch" else backend_file(spec["path"], spec["backend"])
+        onnx_path = None if spec["backend"] in ("torch", *OPENVINO) else backend_file(spec["path"], spec["backend"])
         weights = next(Path(spec["path"]).glob("*.safetensors"))
     else:  # DenseNet121, untrained unless a run was given
         from monai.networks.nets import DenseNet121
@@ -68,9 +71,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         weights = Path(spec["workdir"]) / "densenet121.pt"
         onnx_path = None
         if spec["backend"] != "torch":
-            onnx_path = Path(spec["workdir"]) / ("densenet121.onnx" if spec["backend"] == "onnx" else
-                                                 "densenet121.int8.onnx")
-    if spec["backend"] == "torch":
+            onnx_path = Path(spec["workdir"]) / ("densenet121.int8.onnx" if spec["backend"].endswith("int8") else
+                                                 "densenet121.onnx")
+    if spec["backend"] in OPENVINO:
+        import openvino as ov
+
+        if onnx_path is None:  # the served run: its export files
+            onnx_path = backend_file(spec["path"], "onnx-int8" if spec["backend"] == "openvino-int8" else "onnx")
+        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+        output = compiled.output(0)
+        run_batch = lambda x: compiled([x.numpy()])[output]  # noqa: E731
+        file_bytes = onnx_path.stat().st_size
+    elif spec["backend"] == "torch":
         model.eval()
         run_batch = lambda x: model(x)  # noqa: E731
         file_bytes = weights.stat().st_size if weights.exists() else sum(
@@ -204,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     base = {"threads": threads, "warmup": args.warmup, "seconds": args.seconds}
+    try:
+        import openvino  # noqa: F401
+
+        extra = OPENVINO
+    except ImportError:
+        extra = ()
+        result["openvino"] = "not installed (pip install openvino): not measured"
     served = {b: measure({**base, "kind": "run", "path": str(run), "backend": b, "iters": args.iters})
-              for b in BACKENDS}
+              for b in (*BACKENDS, *extra)}
     for b in BACKENDS:
         served[b]["test"] = test_auc(run, args.data, b)
     result["models"]["served"] = served
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         result["densenet121_export"] = _export_densenet(Path(tmp), calibration)
         result["models"]["densenet121"] = {
             b: measure({**base, "kind": "densenet", "path": "", "workdir": tmp, "backend": b,
-                        "iters": args.densenet_iters}) for b in BACKENDS}
+                        "iters": args.densenet_iters}) for b in (*BACKENDS, *extra)}
     for backends in result["models"].values():
         eager = backends["torch"]
         for m in backends.values():
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {name} | {b} | {m['latency_ms_batch1']['p50']:.2f} / {m['latency_ms_batch1']['p99']:.2f} "
                         f"({m['speedup_batch1_p50_vs_torch']:.1f}x) | {m['throughput_img_s_batch32']:.0f} "
                         f"({m['speedup_batch32_vs_torch']:.1f}x) | {m['file_bytes'] / 1e6:.2f} | "
-                        f"{m['peak_rss_mb']:.0f} | untrained |")
+                        f"{m['peak_rss_mb']:.0f} | {'untrained' if name == 'densenet121' else 'speed only (same ONNX file)'} |")
     result["readme"] = rows
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
