@@ -45,12 +45,12 @@ def test_initial_weights_that_do_not_fit_are_named(tmp_path):
     from safetensors.torch import save_file
 
     from medlens.models import create_model
-    from medlens.train import _load_init_weights
+    from medlens.warmstart import load_init_weights
 
     path = tmp_path / "w.safetensors"
     save_file({"fc.weight": torch.zeros(3, 3)}, str(path))
     with pytest.raises(DataError, match="w.safetensors"):
-        _load_init_weights(create_model("seed_cnn", num_classes=2, in_chans=1), path)
+        load_init_weights(create_model("seed_cnn", num_classes=2, in_chans=1), path)
 
 
 def test_distillation_loss_pulls_the_student_towards_the_teacher_on_the_same_batch():

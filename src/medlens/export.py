@@ -25,7 +25,6 @@ module only fixes the input/output contract, picks calibration images by the run
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from medlens.errors import ConfigError, DataError
+from medlens.models.card import _sha256  # the weights' checksum function, for the export files too
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,6 @@ class OrtClassifier(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_entry(path: Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from medlens.models.card import ModelCard, load_checkpoint, normalize_batch, sav
 from medlens.models.ensemble import ENSEMBLE, Ensemble, ensemble_spec
 from medlens.seg.crop import LUNG_DIR, install_lung_model, lung_cropper
 from medlens.uncertainty import REFER_MEASURE, available_methods, choose_refer_threshold, predictive
+from medlens.warmstart import load_init_weights, load_teacher, load_weight_masks
 
 log = logging.getLogger("medlens.train")
 
@@ -125,59 +126,6 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
-    """Start from ``path``'s weights (``train.init_weights``); a file that does not fit the network is named."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise DataError(f"{path}: cannot read the initial weights ({exc})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise DataError(f"{path}: the initial weights do not fit model.name / model.args "
-                        f"({str(exc).splitlines()[0][:300]})") from None
-    log.info("initial weights from %s", path)
-
-
-def _load_weight_masks(model: torch.nn.Module, path: Path, device: torch.device
-                       ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """``(parameter, 0/1 mask)`` pairs from ``train.weight_masks``, applied once now and after every step."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        masks = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise DataError(f"{path}: cannot read the weight masks ({exc})") from None
-    params = dict(model.named_parameters())
-    out = []
-    for name, mask in masks.items():
-        if name not in params or params[name].shape != mask.shape:
-            raise DataError(f"{path}: mask {name} {tuple(mask.shape)} does not fit the network")
-        params[name].data.mul_(mask)
-        out.append((params[name], mask.to(device=device, dtype=params[name].dtype)))
-    return out
-
-
-def _load_teacher(cfg: Config, run: Path, intensity: str, device: torch.device) -> torch.nn.Module:
-    """The frozen teacher of a distillation; it must see what the student sees (same input size, intensity and
-    preprocessing), or its soft targets would describe other images."""
-    teacher, card = load_checkpoint(run, map_location=device)
-    mine = {"input size": cfg.data.image_size, "intensity": intensity,
-            "preprocess": {k: v for k, v in cfg.data.preprocess_options().items() if k != "lung_crop"}}
-    theirs = {"input size": card.input_size, "intensity": card.intensity,
-              "preprocess": {k: v for k, v in (card.preprocess or {}).items() if k != "lung_crop"}}
-    if mine != theirs:
-        raise ConfigError(f"the teacher {run} was trained on other inputs than this student ({theirs} vs {mine})",
-                          hint="distil with the teacher's data settings (medlens distill copies them)")
-    log.info("distilling from %s (%s), temperature %g, alpha %g", run, card.model_id, cfg.train.distill_temperature,
-             cfg.train.distill_alpha)
-    return teacher.to(device).eval()
 
 
 def _selection_and_calibration(cfg: Config, y_val: np.ndarray, patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -350,8 +298,8 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
     n = len(d.x_train)
     model = create_model(cfg.model.name, num_classes=len(d.table.classes), in_chans=1, **cfg.model.args)
     if tc.init_weights:
-        _load_init_weights(model, Path(tc.init_weights))
-    masks = _load_weight_masks(model, Path(tc.weight_masks), device) if tc.weight_masks else []
+        load_init_weights(model, Path(tc.init_weights))
+    masks = load_weight_masks(model, Path(tc.weight_masks), device) if tc.weight_masks else []
     model.to(device)
     if device.type == "cuda" and tc.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -365,7 +313,7 @@ def _train_member(cfg: Config, d: _Data, run_dir: Path, device: torch.device, *,
     loss_fn = make_loss(tc.imbalance, d.counts, focal_gamma=tc.focal_gamma,
                         label_smoothing=tc.label_smoothing).to(device)
     if tc.teacher:
-        loss_fn = DistillationLoss(loss_fn, _load_teacher(cfg, Path(tc.teacher), intensity, device),
+        loss_fn = DistillationLoss(loss_fn, load_teacher(cfg, Path(tc.teacher), intensity, device),
                                    temperature=tc.distill_temperature, alpha=tc.distill_alpha)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
