@@ -90,7 +90,8 @@ DEFAULT_RESULT = ROOT / "bench" / "results" / "load_service-cpu.json"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"],
          "workers-2-pg": ["--workers", "2"], "peer": [], "peer-workers-2": ["--workers", "2"],
-         "batching-int8": ["--backend", "onnx-int8"], "workers-2-int8": ["--workers", "2", "--backend", "onnx-int8"]}
+         "batching-int8": ["--backend", "onnx-int8"], "workers-2-int8": ["--workers", "2", "--backend", "onnx-int8"],
+         "workers-4": ["--workers", "4"]}
 #: ``*-int8`` modes serve the run's ONNX Runtime INT8 export (``medlens export RUN --data DATA --int8`` first)
 #: ``*-pg`` modes keep the audit trail in PostgreSQL (a throwaway server started by this script, fsync on);
 #: ``peer*`` modes run bench/peer_app.py (the same model behind a bare FastAPI endpoint: no auth, no audit)
