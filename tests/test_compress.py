@@ -88,6 +88,7 @@ def test_distill_trains_a_smaller_student_on_the_teachers_split(tiny_run, cxr_ti
     assert student["config"]["train"]["teacher"].endswith(tiny_run.name)
     d = student["metrics"]["distilled_from"]
     assert d["model_id"] == teacher["model_id"] and d["macs"]["student"] < d["macs"]["teacher"] / 3
+    assert "distilling from" in (out / "train.log").read_text()  # the teacher was loaded into the loss
 
 
 def test_training_starts_from_the_initial_weights(tiny_run, cxr_tiny, tmp_path):

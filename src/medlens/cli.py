@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "torch")
     result = evaluate(args.run, data, args.split, progress=not args.no_progress, n_bootstrap=args.bootstrap,
                       masks=getattr(args, "masks", None), trust=not getattr(args, "no_trust", False), backend=backend)
-    out = rundir.eval_dir(args.run, args.split if backend == "torch" else f"{args.split}-{backend}")
+    out = rundir.eval_dir(args.run, rundir.eval_name(args.split, backend))
     keys = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "ece")
     print(f"{args.split}: n={result['n']}  threshold={result['threshold']:.4f}")
     for k in keys:

@@ -205,7 +205,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
     summary["domain (external validation)"] = external.summary(domain, card.class_names)
     if calibration:
         summary["calibration"] = calibration
-    out = rundir.eval_dir(run_dir, split if backend == "torch" else f"{split}-{backend}")
+    out = rundir.eval_dir(run_dir, rundir.eval_name(split, backend))
     out.mkdir(parents=True, exist_ok=True)
     result = {**metrics, "split": split, "backend": backend, "model_id": card.model_id, "policy_hash": card.policy_hash,
               "weights_sha256": card.weights_sha256, "subgroups": subgroups, "domain": domain,
@@ -214,7 +214,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", *, prog
               "skipped": [list(s) for s in loaded.skipped]}
     (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=1, allow_nan=False))
     _append_trace(run_dir, card, split, data, table.subset(loaded.keep).fingerprint(), loaded.images, y, metrics)
-    record_evaluation(run_dir, split if backend == "torch" else f"{split}-{backend}", {
+    record_evaluation(run_dir, rundir.eval_name(split, backend), {
         "data fingerprint": table.fingerprint()[:16], "n": int(len(y)),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: metrics[k]["value"] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")},

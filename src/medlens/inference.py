@@ -117,14 +117,6 @@ class Predictor:
         out["domain_score"] = np.full(len(images), np.nan) if scores is None else scores
         return out
 
-    def domain_verdicts(self, images: list[np.ndarray], metas: list[dict], tensors: torch.Tensor) -> list[dict]:
-        """Per input: ``in_domain``, ``domain_score`` (Mahalanobis distance, ``None`` without a learned score),
-        ``domain_reason`` (``medlens.domain``)."""
-        gate = self.gate or DomainGate(self.card.domain)
-        scores = gate.scores(self.model, tensors, self.card.intensity, device=self.device)
-        return [gate.verdict(image, meta, None if scores is None else float(scores[j]))
-                for j, (image, meta) in enumerate(zip(images, metas, strict=True))]
-
     def explain_options(self, method: str) -> dict:
         """Options for ``medlens.explain`` methods: the card's ``cam_layer`` for the methods that hook a layer."""
         from medlens.explain import METHODS

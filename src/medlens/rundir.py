@@ -69,6 +69,12 @@ def member_dir(run_dir: str | Path, k: int) -> Path:
     return Path(run_dir) / MEMBERS / str(k)
 
 
+def eval_name(split: str, backend: str = "torch") -> str:
+    """The name an evaluation is kept under: the split, or ``SPLIT-BACKEND`` for an ONNX backend (so it never
+    overwrites the torch evaluation of the same split)."""
+    return split if backend == "torch" else f"{split}-{backend}"
+
+
 def eval_dir(run_dir: str | Path, split: str) -> Path:
     return Path(run_dir) / EVAL / split
 
