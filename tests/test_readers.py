@@ -348,3 +348,29 @@ def test_image_suffixes_contract():
     assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"} <= IMAGE_SUFFIXES
     assert all(s == s.lower() and s.startswith(".") for s in IMAGE_SUFFIXES)
     assert (".nii.gz" in IMAGE_SUFFIXES) is HAS_NIBABEL
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "CT_small.dcm"])
+def test_dicom_read_from_memory_matches_the_file(shared, name):
+    from medlens.data.readers import read_image_bytes
+
+    path = shared / "dicom" / name
+    image, meta = read_image(path)
+    mem, mem_meta = read_image_bytes(path.read_bytes(), "dicom", name="upload.dcm")
+    assert np.array_equal(image, mem) and mem_meta == meta
+
+
+def test_pillow_read_from_memory_matches_the_file_and_names_the_upload(shared, tmp_path):
+    from medlens.data.readers import read_image_bytes
+
+    jpeg = next((shared / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))
+    image, meta = read_image(jpeg, reduce_to=64)
+    mem, mem_meta = read_image_bytes(jpeg.read_bytes(), "jpeg", reduce_to=64)
+    assert np.array_equal(image, mem) and mem_meta == meta and meta.get("reduced", 1) > 1
+    png = tmp_path / "x.png"
+    Image.fromarray((np.arange(64 * 48) % 251).astype(np.uint8).reshape(48, 64)).save(png)
+    assert np.array_equal(read_image(png)[0], read_image_bytes(png.read_bytes(), "png")[0])
+    with pytest.raises(DataError, match=r"^upload 7: is truncated or corrupt"):
+        read_image_bytes(png.read_bytes()[:60], "png", name="upload 7")
+    with pytest.raises(DataError, match=r"^upload 7: is not an image: an HTML page"):
+        read_image_bytes(b"<html><body>error</body></html>", "png", name="upload 7")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -42,10 +42,16 @@ def first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
-def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read a DICOM file's first frame as a float32 [0, 1] display image plus its metadata."""
-    name = str(path)
-    ds = _dcmread(name)
+def read_dicom(path: str | os.PathLike | BinaryIO, *, name: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read a DICOM file's first frame as a float32 [0, 1] display image plus its metadata. ``path`` may be an
+    open binary file (the service decodes uploads from memory); ``name`` is what error messages call it."""
+    name = name or str(path)
+    ds = _dcmread(path if hasattr(path, "read") else name, name)
+    return read_dicom_dataset(ds, name)
+
+
+def read_dicom_dataset(ds: pydicom.Dataset, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`read_dicom` for a dataset already parsed (the DICOM node receives datasets, not files)."""
     if not any(tag in ds for tag in PIXEL_TAGS):
         raise DataError(
             f"{name}: has no pixel data (PixelData element missing) — it may be a structured report or "
@@ -95,10 +101,10 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return image, meta
 
 
-def _dcmread(name: str) -> pydicom.Dataset:
+def _dcmread(source: str | BinaryIO, name: str) -> pydicom.Dataset:
     """Parse the file; files without the 128-byte preamble + 'DICM' are retried with force=True."""
     try:
-        return pydicom.dcmread(name)
+        return pydicom.dcmread(source)
     except InvalidDicomError:
         pass
     except Exception as exc:  # noqa: BLE001 - truncated headers raise EOFError, struct.error, ...
@@ -109,7 +115,9 @@ def _dcmread(name: str) -> pydicom.Dataset:
     try:
         with warnings.catch_warnings():  # forced parsing of a non-DICOM file warns about every junk element
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(name, force=True)
+            if hasattr(source, "seek"):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)
     except Exception as exc:  # noqa: BLE001
         raise DataError(
             f"{name}: is not a DICOM file ({first_line(exc)})",

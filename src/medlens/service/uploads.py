@@ -29,12 +29,10 @@ import hashlib
 import io
 import math
 import struct
-import tempfile
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -371,19 +369,15 @@ def decode_upload(data: bytes, ctx: RequestContext, settings: ServiceSettings, p
 
 
 def _decode(data: bytes, plan: DecodePlan, predictor: Any) -> DecodedUpload:
-    from medlens.data.readers import box_reduce, read_image, reduction
+    from medlens.data.readers import box_reduce, read_image_bytes, reduction
     from medlens.domain import DomainGate
     from medlens.errors import DataError
 
-    suffix = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}[plan.kind]
-    with tempfile.TemporaryDirectory(prefix="medlens-upload-") as tmp:
-        path = Path(tmp) / f"upload{suffix}"
-        path.write_bytes(data)
-        try:
-            image, meta = read_image(path, reduce_to=DECODE_SIDE)
-        except DataError as exc:
-            message = exc.message.replace(f"{path}: ", "the uploaded file ").replace(str(path), "the uploaded file")
-            raise ApiError(422, message + (f" ({exc.hint})" if exc.hint else "")) from None
+    try:
+        image, meta = read_image_bytes(data, plan.kind, name="the uploaded file", reduce_to=DECODE_SIDE)
+    except DataError as exc:
+        message = exc.message.replace("the uploaded file: ", "the uploaded file ", 1)
+        raise ApiError(422, message + (f" ({exc.hint})" if exc.hint else "")) from None
     factor = reduction(image.shape, DECODE_SIDE)  # DICOM: decoded at full size, reduced before the float stage
     if factor > 1:
         image = box_reduce(image, factor)
