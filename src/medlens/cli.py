@@ -535,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     from medlens.service.commands import add_commands
 
     add_commands(sub)  # keys create|list|revoke, audit export
+    from medlens.pacs.commands import add_commands as add_dicom_commands
+
+    add_dicom_commands(sub)  # dicom listen
     return p
 
 

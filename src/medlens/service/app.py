@@ -64,7 +64,7 @@ from medlens.errors import MedlensError
 from medlens.service.context import printable, request_context
 from medlens.service.limits import ClientLimits
 from medlens.service.middleware import ServiceMiddleware
-from medlens.service.routes import audit, models, operations, predictions
+from medlens.service.routes import audit, clinical, models, operations, predictions
 from medlens.service.security import SecurityHeaders, add_docs, redact_access_log
 from medlens.service.settings import ServiceSettings
 from medlens.service.state import INPUT_CACHE_SIZE, ServiceState, lifespan
@@ -137,7 +137,7 @@ def create_app(run_dir: str | os.PathLike, settings: ServiceSettings | None = No
     app.add_middleware(SecurityHeaders)  # outermost: on every response, the middleware's own 503 / 504 included
     redact_access_log()
     _add_error_handlers(app)
-    for router in (predictions.router, models.router, audit.router, operations.router):
+    for router in (predictions.router, clinical.router, models.router, audit.router, operations.router):
         app.include_router(router)
     add_docs(app)
     if operations.STATIC_DIR.is_dir():

@@ -276,7 +276,8 @@ class AuditLog:
         return None if row is None else AuditRecord.from_row(row)
 
     def get_prediction(self, request_id: str, *, user: str | None = None) -> AuditRecord | None:
-        """A successful prediction (action ``predict``, status 2xx) by request id, optionally only ``user``'s.
+        """A successful prediction (action ``predict``, status 2xx) by request id, optionally only ``user``'s
+        (and the DICOM node's, role ``dicom``: those belong to the department, not to one key).
 
         Serves ``GET /v1/predictions/{id}``: the stored ``output`` is the prediction.
         """
@@ -284,7 +285,7 @@ class AuditLog:
         query = t.select().where(t.c.request_id == request_id, t.c.action == "predict",
                                  t.c.status >= 200, t.c.status < 300)
         if user is not None:
-            query = query.where(t.c.user == user)
+            query = query.where(sa.or_(t.c.user == user, t.c.role == "dicom"))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
         return None if row is None else AuditRecord.from_row(row)

@@ -51,7 +51,9 @@ class Prediction(BaseModel):
 
     id: str = Field(description="request id (UUID): the prediction's id and the X-Request-ID header")
     created: str = Field(description="UTC time, ISO 8601")
-    probability: float = Field(ge=0, le=1, description="calibrated probability of the positive class")
+    probability: float | None = Field(ge=0, le=1, description="calibrated probability of the positive class; null "
+                                                              "only for an image the DICOM node received but "
+                                                              "could not read (its SR says not assessable)")
     positive_class: str = Field(description="the class the probability is for")
     label: str | None = Field(description="the label at the model's operating threshold; null when the input is "
                                           "not assessable (in_domain false)")
@@ -80,6 +82,10 @@ class Prediction(BaseModel):
     version: str = Field(description="medlens version that served the prediction")
     input: InputInfo
     heatmap_url: str = Field(description="Grad-CAM overlay of the label shown (while the input is held)")
+    source: str | None = Field(None, description="dicom: made by the DICOM node (`medlens dicom listen`) for an image "
+                                                 "a PACS or modality sent; null: an upload to this API")
+    results: dict[str, str] | None = Field(None, description="DICOM node only: SOP Instance UIDs of the result "
+                                                             "objects sent back (sr, and sc for the heat map)")
 
 
 class DomainInfo(BaseModel):

@@ -69,6 +69,9 @@ class ServiceSettings:
     body_timeout_s: float = 10.0  # a body must arrive within this, plus 1 s per body_min_rate bytes
     body_min_rate: int = 10_000  # bytes a second that extend the body deadline (a slow, honest upload)
     audit_key_file: Path | None = None  # where the key was read from; None when given as a value
+    # the DICOM node's spool (`medlens dicom listen --spool`), where the API finds a node prediction's SR;
+    # None: RUN/dicom-spool, the node's default
+    dicom_spool: Path | None = None
 
     @classmethod
     def load(
@@ -111,6 +114,7 @@ class ServiceSettings:
         out["cors_origins"] = list(self.cors_origins)
         out["trusted_proxies"] = list(self.trusted_proxies)
         out["audit_key_file"] = None if self.audit_key_file is None else str(self.audit_key_file)
+        out["dicom_spool"] = None if self.dicom_spool is None else str(self.dicom_spool)
         return out
 
 
@@ -215,6 +219,7 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "header_timeout_s": _float(0.0, strict=True),
     "body_timeout_s": _float(0.0, strict=True),
     "body_min_rate": _int(1),
+    "dicom_spool": _path,
 }
 
 
@@ -273,7 +278,7 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
         if key not in PARSERS:
             raise ConfigError(f"settings file {path}: unknown setting '{key}'",
                               hint=f"known settings: {', '.join(PARSERS)}")
-        if key in ("database_url", "audit_key_file") and isinstance(value, str) and "://" not in value:
+        if key in ("database_url", "audit_key_file", "dicom_spool") and isinstance(value, str) and "://" not in value:
             value = str(path.parent / Path(value).expanduser())  # relative paths: relative to the file
         values[key] = PARSERS[key](value, f"settings file {path}: {key}")
     return values

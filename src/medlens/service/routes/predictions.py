@@ -9,6 +9,8 @@ Scope. A prediction (and its heat map, which shows the X-ray) is read by the cli
 admins; a viewer key reads the model information only (403 here, whatever the id). Another user's prediction id
 answers 404 with the same sentence as an id that does not exist, not 403: a 403 would confirm that the id is a
 real prediction, so ids could be probed. Every such attempt is still in the audit trail under the caller's name.
+Predictions made by the DICOM node (``medlens dicom listen``, role ``dicom``) belong to the department that sent
+the study, not to one key: every clinician reads them, as on the worklist (:mod:`.clinical`).
 """
 
 from __future__ import annotations
@@ -126,6 +128,17 @@ async def get_heatmap(request: Request, id: PredictionId, identity: Annotated[Id
     if record is None:
         raise ApiError(404, f"no prediction with id '{id}'")  # also another user's: 404, not 403 (no probing)
     held = st.inputs.get(id)
+    if held is None and record.role == "dicom":  # the DICOM node's heat map: its Secondary Capture's pixels
+        from medlens.service.routes.clinical import node_heatmap_png, node_result
+
+        sc = node_result(st, pid, "sc")
+        if sc is None:
+            raise ApiError(404, f"prediction '{id}' has no heat map (the image was not assessable, or the node's "
+                                "spool is not this server's dicom_spool)")
+        png, (height, width) = await anyio.to_thread.run_sync(node_heatmap_png, sc)
+        request_context(request).output = {"prediction_id": id, "width": width, "height": height,
+                                           "method": "gradcam", "source": "dicom", "png_sha256": sha256(png)}
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
     if held is None:
         raise ApiError(404, f"the input image of prediction '{id}' is no longer held by this server (it keeps "
                             f"the last {st.inputs.capacity} in memory, none across restarts); submit the image "
