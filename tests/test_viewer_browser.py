@@ -92,6 +92,14 @@ def test_viewer_upload_shows_probability_refer_flag_and_heatmap(server, browser,
     row = server["app"].state.service.audit.get(prediction_id)
     assert row is not None and row.status == 200 and row.user == "dr-test"
 
+    # the worklist tab lists the study with its triage priority; a click opens it
+    page.wait_for_selector("#worklist-body tr", timeout=15_000)
+    rows = page.eval_on_selector_all("#worklist-body tr", "rs => rs.map(r => r.dataset.priority)")
+    assert rows and set(rows) <= {"positive", "refer", "routine"}
+    page.click(f"#worklist-body tr[data-prediction='{prediction_id}']")
+    page.wait_for_function(f"document.getElementById('prediction-id').textContent === '{prediction_id}'",
+                           timeout=15_000)
+
     artefacts = Path(os.environ.get("MEDLENS_ARTEFACTS", tmp_path))
     artefacts.mkdir(parents=True, exist_ok=True)
     shot = artefacts / "viewer.png"

@@ -80,3 +80,8 @@ def prediction_id(value: str) -> str:
     except ValueError:
         raise ApiError(404, f"no prediction with id '{printable(value, 64)}' (prediction ids are UUIDs)") from None
     return value
+
+
+def owner_filter(identity: Identity) -> str | None:
+    """Whose predictions ``identity`` may read: its own (the key name), or everyone's (None) for an admin."""
+    return None if role_allows(identity.role, "admin") else identity.name

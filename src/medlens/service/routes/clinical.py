@@ -23,7 +23,7 @@ from fastapi.responses import Response
 
 from medlens.service.auth import Identity, role_allows
 from medlens.service.context import API_PREFIX, ApiError, request_context
-from medlens.service.deps import prediction_id, require_clinician, service_state
+from medlens.service.deps import owner_filter, prediction_id, require_clinician, service_state
 from medlens.service.schemas import PredictionId, error_responses
 
 router = APIRouter(prefix=API_PREFIX, tags=["clinical"])
@@ -59,8 +59,6 @@ def get_worklist(request: Request, identity: Annotated[Identity, Depends(require
 def get_fhir(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_clinician)]
              ) -> Response:
     from medlens.pacs.fhir import diagnostic_report
-    from medlens.service.routes.predictions import owner_filter
-
     st = service_state(request)
     record = st.audit.get_prediction(prediction_id(id), user=owner_filter(identity))
     if record is None or not isinstance(record.output, dict):
@@ -76,8 +74,6 @@ def get_fhir(request: Request, id: PredictionId, identity: Annotated[Identity, D
             responses={200: {"content": {"application/dicom": {}}}, **error_responses(401, 403, 404, 429, 503)})
 async def get_sr(request: Request, id: PredictionId, identity: Annotated[Identity, Depends(require_clinician)]
                  ) -> Response:
-    from medlens.service.routes.predictions import owner_filter
-
     st = service_state(request)
     pid = prediction_id(id)
     record = await anyio.to_thread.run_sync(lambda: st.audit.get_prediction(pid, user=owner_filter(identity)))

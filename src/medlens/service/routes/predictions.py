@@ -27,10 +27,10 @@ import medlens
 from medlens.domain import DomainGate, apply_verdict
 from medlens.forward import decide, shown_class
 from medlens.models.card import jsonable, normalize_batch
-from medlens.service.auth import Identity, role_allows
+from medlens.service.auth import Identity
 from medlens.service.context import API_PREFIX, ApiError, RequestContext, printable, request_context
 from medlens.service.deid import deidentify_dicom_fields
-from medlens.service.deps import prediction_id, require_clinician, service_state
+from medlens.service.deps import owner_filter, prediction_id, require_clinician, service_state
 from medlens.service.schemas import (
     MULTIPART_BODY,
     UNCERTAINTY_METHODS,
@@ -147,11 +147,6 @@ async def get_heatmap(request: Request, id: PredictionId, identity: Annotated[Id
     request_context(request).output = {"prediction_id": id, "width": width, "height": height, "alpha": alpha,
                                        "method": "gradcam", "png_sha256": sha256(png)}
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
-
-def owner_filter(identity: Identity) -> str | None:
-    """Whose predictions ``identity`` may read: its own (the key name), or everyone's (None) for an admin."""
-    return None if role_allows(identity.role, "admin") else identity.name
 
 
 def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: dict[str, Any],

@@ -40,6 +40,7 @@ async function connect() {
       select.appendChild(option);
     }
     document.body.dataset.connected = "true";
+    loadWorklist();
   } catch (e) {
     $("model").textContent = "Not connected.";
     showError(`Could not connect: ${e.message}`);
@@ -63,7 +64,8 @@ function showResult(p) {
   refer.dataset.refer = String(p.refer);
   $("refer-reason").textContent = p.refer_reason;
   $("positive-class").textContent = p.positive_class;
-  $("probability").textContent = p.probability.toFixed(4) + (assessable ? "" : ` (${p.probability_note})`);
+  $("probability").textContent = p.probability === null ? "none (the image could not be read)"
+    : p.probability.toFixed(4) + (assessable ? "" : ` (${p.probability_note})`);
   $("threshold").textContent = p.threshold.toFixed(4);
   const u = p.uncertainty;
   $("unc-method").textContent = u.method;
@@ -72,7 +74,7 @@ function showResult(p) {
     `mutual information ${u.mutual_information.toFixed(4)}, ${u.passes} pass(es)`;
   $("model-id").textContent = p.policy_hash ? `${p.model_id} (policy ${p.policy_hash})` : p.model_id;
   $("prediction-id").textContent = p.id;
-  $("gauge-fill").style.width = `${(100 * p.probability).toFixed(1)}%`;
+  $("gauge-fill").style.width = `${(100 * (p.probability || 0)).toFixed(1)}%`;
   $("gauge-threshold").style.left = `${(100 * p.threshold).toFixed(1)}%`;
 }
 
@@ -126,9 +128,47 @@ async function open(id) {
   try {
     const p = await (await api(`/v1/predictions/${encodeURIComponent(id)}`)).json();
     showResult(p);
-    await showImages(id, p.in_domain !== false);
+    if (p.source === "dicom") {
+      // a study the DICOM node received: its heat map is the Secondary Capture sent to the PACS (one picture)
+      $("viewer").hidden = true;
+      if (p.results && p.results.sc) await showImages(id, false);
+    } else {
+      await showImages(id, p.in_domain !== false);
+    }
   } catch (e) {
     showError(e.message);
+  }
+}
+
+function waiting(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+async function loadWorklist() {
+  if (!state.key) return;
+  try {
+    const data = await (await api("/v1/worklist?hours=24")).json();
+    const body = $("worklist-body");
+    body.innerHTML = "";
+    for (const s of data.studies) {
+      const row = document.createElement("tr");
+      row.dataset.priority = s.priority;
+      row.dataset.prediction = s.predictions[0];
+      const cells = [s.priority, s.probability === null ? "\u2014" : s.probability.toFixed(3), waiting(s.waiting_s),
+        s.modality ? `DICOM ${s.modality}` : "upload"];
+      for (const text of cells) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.appendChild(cell);
+      }
+      row.title = s.reason || `${s.predictions.length} image(s)`;
+      row.addEventListener("click", () => open(s.predictions[0]));
+      body.appendChild(row);
+    }
+  } catch (e) {
+    showError(`Worklist unavailable: ${e.message}`);
   }
 }
 
@@ -145,6 +185,7 @@ async function upload(file) {
     remember(p, file.name);
     await showImages(p.id, p.in_domain !== false);
     setStatus(`${file.name}: done.`);
+    loadWorklist();
   } catch (e) {
     setStatus("");
     showError(`${file.name}: ${e.message}`);
@@ -159,6 +200,7 @@ $("key-form").addEventListener("submit", (event) => {
 });
 $("file-input").addEventListener("change", (event) => { if (event.target.files[0]) upload(event.target.files[0]); });
 $("opacity").addEventListener("input", applyOpacity);
+$("worklist-refresh").addEventListener("click", loadWorklist);
 const zone = $("drop-zone");
 zone.addEventListener("dragover", (event) => { event.preventDefault(); zone.classList.add("over"); });
 zone.addEventListener("dragleave", () => zone.classList.remove("over"));
