@@ -82,8 +82,8 @@ class Prediction(BaseModel):
     version: str = Field(description="medlens version that served the prediction")
     input: InputInfo
     heatmap_url: str = Field(description="Grad-CAM overlay of the label shown (while the input is held)")
-    source: str | None = Field(None, description="dicom: made by the DICOM node (`medlens dicom listen`) for an image "
-                                                 "a PACS or modality sent; null: an upload to this API")
+    source: str = Field("api", description="api: an upload to this API; dicom: made by the DICOM node (`medlens "
+                                           "dicom listen`) for an image a PACS or modality sent")
     results: dict[str, str] | None = Field(None, description="DICOM node only: SOP Instance UIDs of the result "
                                                              "objects sent back (sr, and sc for the heat map)")
 

@@ -186,6 +186,7 @@ def prediction_body(ctx: RequestContext, st: ServiceState, method: str, result: 
         "input": {"sha256": ctx.input_sha256, "format": decoded.kind, "width": decoded.width,
                   "height": decoded.height, "bytes": size, "dicom": jsonable(dicom) if dicom else None},
         "heatmap_url": f"{API_PREFIX}/predictions/{ctx.request_id}/heatmap.png",
+        "source": "api", "results": None,
         "_target": target,
     }
     # is the input assessable? (medlens.domain: DICOM metadata and content gates, then the learned score)
