@@ -99,6 +99,11 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return json.loads(resp.read() or b"null")
 
+    def delete(self, path: str) -> None:
+        req = urllib.request.Request(self.url + path, method="DELETE")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+
     def store(self, files: list[Path]) -> None:
         """Send files with dcmtk's storescu, proposing each file's own transfer syntax."""
         import pydicom
