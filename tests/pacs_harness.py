@@ -114,7 +114,7 @@ class Orthanc:
                    "127.0.0.1", str(self.dicom_port), str(f)]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             if out.returncode != 0 or "E:" in out.stderr:
-                raise RuntimeError(f"storescu {f.name} failed: {out.stderr[-1000:]}")
+                raise RuntimeError(f"storescu {f.name} failed: {(out.stdout + out.stderr)[-1000:]}")
 
     def studies(self) -> list[dict[str, Any]]:
         return [self.get(f"/studies/{s}") for s in self.get("/studies")]
@@ -133,11 +133,11 @@ def send_to_node(files: list[Path], port: int, aet: str = "MEDLENS", calling: st
 
     for f in files:
         syntax = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        cmd = ["storescu", *([STORESCU_SYNTAX[syntax]] if syntax in STORESCU_SYNTAX else []), "-aet", calling,
+        cmd = ["storescu", "-v", *([STORESCU_SYNTAX[syntax]] if syntax in STORESCU_SYNTAX else []), "-aet", calling,
                "-aec", aet, "127.0.0.1", str(port), str(f)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if out.returncode != 0 or "E:" in out.stderr:
-            raise RuntimeError(f"storescu {f.name} to the node failed: {out.stderr[-1000:]}")
+            raise RuntimeError(f"storescu {f.name} to the node failed: {(out.stdout + out.stderr)[-1000:]}")
 
 
 class Node:

@@ -345,3 +345,46 @@ def test_destination_down_then_kill9_every_result_arrives_once(pacs, tiny_run, d
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_callers_outside_the_allowed_hosts_and_ae_titles_are_refused_and_audited(pacs, tiny_run, dicom_dir):
+    from pacs_harness import Node, send_to_node
+
+    ct = dicom_dir / "CT_small.dcm"
+    node = Node(tiny_run, pacs / "node-allow", "ORTHANC@127.0.0.1:9", extra=("--allow-host", "10.0.0.0/8")).start()
+    try:
+        with pytest.raises(RuntimeError, match="Status: 0x124"):
+            send_to_node([ct], node.port)
+    finally:
+        node.stop()
+    rows = _audit_rows(node.db)
+    assert [(r.action, r.status) for r in rows] == [("dicom-receive", 403)]
+    assert "127.0.0.1" in rows[0].error and not list((node.spool / "incoming").glob("*.dcm"))
+    strict = Node(tiny_run, pacs / "node-aet", "ORTHANC@127.0.0.1:9", extra=("--allow-aet", "PACS1")).start()
+    try:
+        with pytest.raises(RuntimeError, match="[Rr]eject"):
+            send_to_node([ct], strict.port, calling="INTRUDER")
+        send_to_node([ct], strict.port, calling="PACS1")  # the allowed caller gets in
+    finally:
+        strict.stop()
+    assert "dicom-receive" in {r.action for r in _audit_rows(strict.db) if r.status == 200}
+
+
+def test_results_by_stow_rs_to_orthanc_dicomweb(pacs, tiny_run, dicom_dir):
+    from pacs_harness import Node, Orthanc, free_port, result_series, send_to_node, wait_for
+
+    node_port = free_port()
+    orthanc = Orthanc(pacs / "orthanc-stow", node_port).start()
+    node = Node(tiny_run, pacs / "node-stow", f"{orthanc.url}/dicom-web", port=node_port).start()
+    try:
+        mr = dicom_dir / "MR_small.dcm"
+        send_to_node([mr], node.port)  # a modality sends to the node directly; the node STOWs the SR to the PACS
+        uid = str(pydicom.dcmread(mr, stop_before_pixels=True).StudyInstanceUID)
+        sid = wait_for(lambda: next((s["ID"] for s in orthanc.studies()
+                                     if s["MainDicomTags"]["StudyInstanceUID"] == uid), None), 120, "the SR's study")
+        assert wait_for(lambda: result_series(orthanc, sid), 60, "the SR series") == {"SR": 1}
+    finally:
+        node.stop()
+        orthanc.stop()
+    sent = [r for r in _audit_rows(node.db) if r.action == "dicom-send"]
+    assert len(sent) == 1 and sent[0].status == 200 and "STOW-RS" in sent[0].output["destination"]
