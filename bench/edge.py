@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--densenet-iters", type=int, default=60)
+    p.add_argument("--densenet-run", type=Path,
+                   help="a trained DenseNet121 run (recipe densenet_monai): measured and tested like the served run")
     p.add_argument("--result", type=Path, default=RESULT)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -227,17 +229,28 @@ def main(argv: list[str] | None = None) -> int:
     for b in BACKENDS:
         served[b]["test"] = test_auc(run, args.data, b)
     result["models"]["served"] = served
-    with tempfile.TemporaryDirectory(prefix="medlens-edge-") as tmp:
-        from medlens.data.cache import TensorCache
-        from medlens.data.sources import discover
-
-        table = discover(args.data / "train")
-        pick = list(range(0, len(table.items), max(1, len(table.items) // 64)))[:64]
-        calibration = TensorCache().load(table, pick, 224, progress=False).images
-        result["densenet121_export"] = _export_densenet(Path(tmp), calibration)
+    if args.densenet_run is not None:  # trained: its own export, speed and test AUC like the served run
+        dense = args.densenet_run.resolve()
+        if not ((export_dir(dense) / FP32_NAME).exists() and (export_dir(dense) / INT8_NAME).exists()):
+            assert medlens(["export", str(dense), "--data", str(args.data), "--int8", "--no-progress"]) == 0
+        result["densenet121_export"] = json.loads((export_dir(dense) / CARD_NAME).read_text())
         result["models"]["densenet121"] = {
-            b: measure({**base, "kind": "densenet", "path": "", "workdir": tmp, "backend": b,
-                        "iters": args.densenet_iters}) for b in (*BACKENDS, *extra)}
+            b: measure({**base, "kind": "run", "path": str(dense), "backend": b, "iters": args.densenet_iters})
+            for b in (*BACKENDS, *extra)}
+        for b in BACKENDS:
+            result["models"]["densenet121"][b]["test"] = test_auc(dense, args.data, b)
+    else:
+        with tempfile.TemporaryDirectory(prefix="medlens-edge-") as tmp:
+            from medlens.data.cache import TensorCache
+            from medlens.data.sources import discover
+
+            table = discover(args.data / "train")
+            pick = list(range(0, len(table.items), max(1, len(table.items) // 64)))[:64]
+            calibration = TensorCache().load(table, pick, 224, progress=False).images
+            result["densenet121_export"] = _export_densenet(Path(tmp), calibration)
+            result["models"]["densenet121"] = {
+                b: measure({**base, "kind": "densenet", "path": "", "workdir": tmp, "backend": b,
+                            "iters": args.densenet_iters}) for b in (*BACKENDS, *extra)}
     for backends in result["models"].values():
         eager = backends["torch"]
         for m in backends.values():

@@ -388,3 +388,47 @@ def test_results_by_stow_rs_to_orthanc_dicomweb(pacs, tiny_run, dicom_dir):
         orthanc.stop()
     sent = [r for r in _audit_rows(node.db) if r.action == "dicom-send"]
     assert len(sent) == 1 and sent[0].status == 200 and "STOW-RS" in sent[0].output["destination"]
+
+
+def test_an_instance_that_always_fails_is_set_aside_and_does_not_block_the_queue(tmp_path, tiny_run, dicom_dir):
+    """A poison instance: processing raises every time. After MAX_ATTEMPTS it goes to failed/ with an audit row,
+    and the instance behind it is processed (before, the loop retried the oldest file forever)."""
+    import threading
+
+    from pacs_harness import wait_for
+
+    from medlens.inference import Predictor
+    from medlens.pacs.node import MAX_ATTEMPTS, DicomNode, NodeConfig
+    from medlens.service.audit import AuditLog
+
+    predictor = Predictor.from_run(tiny_run)
+    real_predict = predictor.predict
+
+    def predict(paths, **kw):
+        if pydicom.dcmread(paths[0], stop_before_pixels=True).Modality == "CT":
+            raise RuntimeError("decoder crashed")
+        return real_predict(paths, **kw)
+
+    predictor.predict = predict
+    spool = Spool(tmp_path / "spool")
+    for name in ("CT_small.dcm", "MR_small.dcm"):  # the CT is older: first in the queue
+        data = (dicom_dir / name).read_bytes()
+        spool.accept(str(pydicom.dcmread(dicom_dir / name).SOPInstanceUID), data, {"calling_ae_title": "MOD1"})
+        time.sleep(0.01)
+    audit = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}", hash_key=b"k" * 32)
+    node = DicomNode(NodeConfig(), spool, predictor, audit, destination=None)
+    worker = threading.Thread(target=node._process_loop, daemon=True)
+    node._work.set()
+    worker.start()
+    try:
+        wait_for(lambda: list((spool.root / "failed").glob("*.dcm")), 60, "the CT set aside")
+        wait_for(lambda: not spool.pending(), 60, "the MR processed")
+    finally:
+        node._stop.set()
+        node._work.set()
+        worker.join(10)
+    rows = audit.list()
+    assert sorted(r.action for r in rows) == ["dicom-failed", "predict"]
+    failed = next(r for r in rows if r.action == "dicom-failed")
+    assert failed.status == 500 and "decoder crashed" in failed.error and failed.user == "dicom:MOD1"
+    assert MAX_ATTEMPTS >= 2 and len(spool.outbox()) == 1  # the MR's SR

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ _log = logging.getLogger("medlens.pacs")
 
 NAMESPACE = uuid.UUID("6f1d1f4e-6d1e-5c1a-9a53-6d65646c656e")  # medlens' namespace for derived request ids
 SUCCESS, NOT_AUTHORISED, OUT_OF_RESOURCES = 0x0000, 0x0124, 0xA700
+#: attempts at processing one instance before it is set aside in the spool's failed/ folder
+MAX_ATTEMPTS = 3
 #: longest side of the heat-map Secondary Capture (a full-size CR is 10 MB as RGB)
 SC_MAX_SIDE = 1024
 
@@ -55,7 +57,6 @@ class NodeConfig:
     allowed_hosts: tuple[str, ...] = ()  # addresses or networks (10.0.0.0/8); empty: any host
     max_backoff_s: float = 60.0
     batch: int = 16  # results sent over one association
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def host_allowed(self, address: str) -> bool:
         if not self.allowed_hosts:
@@ -188,6 +189,7 @@ class DicomNode:
     # -- processor
 
     def _process_loop(self) -> None:
+        failures: dict[str, int] = {}
         while not self._stop.is_set():
             self._work.wait(timeout=5.0)
             self._work.clear()
@@ -196,11 +198,21 @@ class DicomNode:
                     return
                 try:
                     self.process(path)
-                except Exception as exc:  # noqa: BLE001 - keep the instance; try again on the next round
-                    _log.error("processing %s failed (kept in the spool, retried): %s", path.name, exc)
-                    self._stop.wait(1.0)
-                    self._work.set()
-                    break
+                except Exception as exc:  # noqa: BLE001 - keep the instance; retry, then quarantine it
+                    failures[path.name] = failures.get(path.name, 0) + 1
+                    if failures[path.name] < MAX_ATTEMPTS:
+                        _log.error("processing %s failed (attempt %d of %d, kept in the spool): %s", path.name,
+                                   failures[path.name], MAX_ATTEMPTS, exc)
+                        self._stop.wait(1.0)
+                        self._work.set()
+                        continue  # the next instances are not held up behind this one
+                    # one instance that always fails must not block the queue: set it aside, say so, go on
+                    moved = self.spool.quarantine(path)
+                    _log.error("processing %s failed %d times: moved to %s (%s)", path.name, MAX_ATTEMPTS, moved, exc)
+                    self._audit_quietly(request_id=request_id("fail", path.name), action="dicom-failed",
+                                        status=500, user=f"dicom:{self.spool.info(moved).get('calling_ae_title')}",
+                                        role="dicom", error=f"{type(exc).__name__}: {exc}"[:500])
+                    failures.pop(path.name, None)
 
     def process(self, path: Path) -> str:
         """Predict one spooled instance, write its SR (and Secondary Capture), record it; the prediction id."""

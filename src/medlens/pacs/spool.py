@@ -3,7 +3,9 @@
 Folders under the spool root:
 - ``incoming/KEY.dcm`` (+ ``KEY.json``, who sent it and when): received and acknowledged, not yet processed;
 - ``results/ID.sr.dcm``, ``results/ID.sc.dcm``: the result objects of prediction ``ID``, kept for the API;
-- ``outbox/UID.dcm``: results still to send to the destination (links to the files in ``results/``).
+- ``outbox/UID.dcm``: results still to send to the destination (links to the files in ``results/``);
+- ``failed/KEY.dcm``: instances whose processing failed again and again (set aside so they do not block the
+  queue; the audit trail has a ``dicom-failed`` row with the error). Move one back to ``incoming/`` to retry.
 
 Every file is written to a temporary name, fsynced, renamed into place, and then the folder is fsynced. So a
 file under its final name is always complete and on disk. The C-STORE handler answers success only after
@@ -25,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-INCOMING, RESULTS, OUTBOX = "incoming", "results", "outbox"
+INCOMING, RESULTS, OUTBOX, FAILED = "incoming", "results", "outbox", "failed"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -62,7 +64,7 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        for name in (INCOMING, RESULTS, OUTBOX):
+        for name in (INCOMING, RESULTS, OUTBOX, FAILED):
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
 
@@ -92,6 +94,16 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         _fsync_dir(path.parent)
+
+    def quarantine(self, path: Path) -> Path:
+        """Set a received instance (and its info) aside in ``failed/``; its new path."""
+        target = self.root / FAILED / path.name
+        for p, q in ((path.with_suffix(".json"), target.with_suffix(".json")), (path, target)):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(p, q)
+        _fsync_dir(target.parent)
+        _fsync_dir(path.parent)
+        return target
 
     # -- results
 
