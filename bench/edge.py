@@ -124,6 +124,23 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- the parent
 
 
+def readme_rows(result: dict[str, Any]) -> list[str]:
+    """The README table of a result: every figure from ``result["models"]``."""
+    rows = ["| model | backend | batch 1 p50 / p99 (ms) | batch 32 (img/s) | size (MB) | peak RSS (MB) | test AUC |",
+            "|---|---|---|---|---|---|---|"]
+    for name, backends in result["models"].items():
+        trained = any("test" in m for m in backends.values())
+        for b, m in backends.items():
+            t = m.get("test")
+            auc = (f"{t['auc']['value']:.4f}" if t else
+                   "speed only (same ONNX file)" if trained else "untrained")
+            rows.append(f"| {name} | {b} | {m['latency_ms_batch1']['p50']:.2f} / {m['latency_ms_batch1']['p99']:.2f} "
+                        f"({m['speedup_batch1_p50_vs_torch']:.1f}x) | {m['throughput_img_s_batch32']:.0f} "
+                        f"({m['speedup_batch32_vs_torch']:.1f}x) | {m['file_bytes'] / 1e6:.2f} | "
+                        f"{m['peak_rss_mb']:.0f} | {auc} |")
+    return rows
+
+
 def _export_densenet(workdir: Path, calibration: Any) -> dict[str, Any]:
     """DenseNet121 (untrained) to ONNX fp32 and INT8 the same way medlens export does (the same functions)."""
     import torch
@@ -187,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="a trained DenseNet121 run (recipe densenet_monai): measured and tested like the served run")
     p.add_argument("--result", type=Path, default=RESULT)
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, help="only rewrite the README rows of this result JSON from its figures")
     args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        result["readme"] = readme_rows(result)
+        args.render.write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(result["readme"]))
+        return 0
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
@@ -266,18 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "densenet121 ORT fp32 >= 2x eager": result["models"]["densenet121"]["onnx"]["speedup_batch1_p50_vs_torch"] >= 2,
     }
     result["seconds"] = round(time.perf_counter() - started, 1)
-    rows = ["| model | backend | batch 1 p50 / p99 (ms) | batch 32 (img/s) | size (MB) | peak RSS (MB) | test AUC |",
-            "|---|---|---|---|---|---|---|"]
-    for name, backends in result["models"].items():
-        for b, m in backends.items():
-            t = m.get("test")
-            auc = (f"{t['auc']['value']:.4f}" if t else
-                   "untrained" if name == "densenet121" else "speed only (same ONNX file)")
-            rows.append(f"| {name} | {b} | {m['latency_ms_batch1']['p50']:.2f} / {m['latency_ms_batch1']['p99']:.2f} "
-                        f"({m['speedup_batch1_p50_vs_torch']:.1f}x) | {m['throughput_img_s_batch32']:.0f} "
-                        f"({m['speedup_batch32_vs_torch']:.1f}x) | {m['file_bytes'] / 1e6:.2f} | "
-                        f"{m['peak_rss_mb']:.0f} | {auc} |")
-    result["readme"] = rows
+    result["readme"] = rows = readme_rows(result)
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(rows))

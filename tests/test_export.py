@@ -118,3 +118,16 @@ def test_the_service_answers_the_same_with_the_onnx_backend(exported, cxr_tiny, 
     assert set(t) == set(o)
     assert abs(t["probability"] - o["probability"]) < 1e-5 and t["label"] == o["label"]
     assert t["in_domain"] == o["in_domain"] and t["refer"] == o["refer"]
+
+
+def test_int8_warns_when_it_moves_the_operating_point_even_with_the_same_auc():
+    """Measured on DenseNet121: INT8 kept the validation AUC (0.9936 -> 0.9935) but its accuracy at the fp32
+    threshold fell from 0.963 to 0.934; an AUC-only check said nothing."""
+    from medlens.export import int8_warnings
+
+    same = {"int8_auc_loss": 0.0001, "onnx": {"accuracy": 0.963}, "onnx-int8": {"accuracy": 0.960}}
+    moved = {"int8_auc_loss": 0.0001, "onnx": {"accuracy": 0.963}, "onnx-int8": {"accuracy": 0.934}}
+    worse = {"int8_auc_loss": 0.02, "onnx": {"accuracy": 0.963}, "onnx-int8": {"accuracy": 0.963}}
+    assert int8_warnings(same) == []
+    assert len(int8_warnings(moved)) == 1 and "operating point" in int8_warnings(moved)[0]
+    assert len(int8_warnings(worse)) == 1 and "AUC" in int8_warnings(worse)[0]
