@@ -8,7 +8,9 @@ limits. It is what the service's guarantees cost against, not a product.
 8-bit grey image, medlens's own ``Predictor.prepare`` (so the network gets exactly the input medlens gives it:
 size, CLAHE, lung crop where the card says so), one forward pass in FastAPI's thread pool, JSON with the label and
 probability. One torch thread per process, as ``medlens serve`` runs its model workers, so the two compare the
-same compute; ``--workers`` is uvicorn's.
+same compute. ``--workers N`` runs N processes the way ``medlens serve --workers N`` does (one SO_REUSEPORT socket
+each, medlens.service.workers): uvicorn's own workers share one socket, and with the load test's keep-alive
+connections one process took them all, which would handicap the peer.
 """
 
 from __future__ import annotations
@@ -64,8 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[RUN_ENV] = os.path.abspath(args.run)
     import uvicorn
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    uvicorn.run("peer_app:create_app", factory=True, host="127.0.0.1", port=args.port, workers=args.workers,
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    if args.workers > 1:
+        from medlens.service.workers import serve_workers
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+        return serve_workers(args.workers, "127.0.0.1", args.port, env, {"log_level": "info"},
+                             app="peer_app:create_app")
+    uvicorn.run("peer_app:create_app", factory=True, host="127.0.0.1", port=args.port,
                 log_level="info")  # uvicorn defaults, access log included (medlens serve keeps it too)
     return 0
 

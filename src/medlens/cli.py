@@ -374,9 +374,14 @@ def _serve_workers(args: argparse.Namespace, run: Path, settings) -> int:
                        SERVE_ENV["backend"]: args.backend})
     print(f"medlens: serving {run} on http://{args.host}:{args.port} with {args.workers} processes sharing "
           f"{settings.database_url.split('://')[0]} audit database", file=sys.stderr)
+    options = {"log_level": "info", "timeout_graceful_shutdown": 10,
+               "access_log": not getattr(args, "no_access_log", False), **uvicorn_options(settings)}
+    from medlens.service.workers import reuse_port_supported, serve_workers
+
+    if reuse_port_supported():  # a socket per process, so connections spread over them (service/workers.py)
+        return serve_workers(args.workers, args.host, args.port, dict(os.environ), options)
     uvicorn.run("medlens.service.app:app_from_env", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="info", timeout_graceful_shutdown=10,
-                access_log=not getattr(args, "no_access_log", False), **uvicorn_options(settings))
+                port=args.port, **options)
     return 0
 
 
