@@ -105,16 +105,8 @@ class Orthanc:
             resp.read()
 
     def store(self, files: list[Path]) -> None:
-        """Send files with dcmtk's storescu, proposing each file's own transfer syntax."""
-        import pydicom
-
-        for f in files:
-            syntax = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-            cmd = ["storescu", *([STORESCU_SYNTAX[syntax]] if syntax in STORESCU_SYNTAX else []), "-aec", self.aet,
-                   "127.0.0.1", str(self.dicom_port), str(f)]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-            if out.returncode != 0 or "E:" in out.stderr:
-                raise RuntimeError(f"storescu {f.name} failed: {(out.stdout + out.stderr)[-1000:]}")
+        """Send files to this Orthanc with dcmtk's storescu."""
+        storescu(files, self.dicom_port, self.aet)
 
     def studies(self) -> list[dict[str, Any]]:
         return [self.get(f"/studies/{s}") for s in self.get("/studies")]
@@ -127,17 +119,22 @@ class Orthanc:
             return resp.read()
 
 
-def send_to_node(files: list[Path], port: int, aet: str = "MEDLENS", calling: str = "STORESCU") -> None:
-    """storescu straight to the node (the PACS is down, or a modality sends directly)."""
+def storescu(files: list[Path], port: int, aec: str, calling: str = "STORESCU") -> None:
+    """Send files with dcmtk's storescu, proposing each file's own transfer syntax; RuntimeError on a failure."""
     import pydicom
 
     for f in files:
         syntax = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         cmd = ["storescu", "-v", *([STORESCU_SYNTAX[syntax]] if syntax in STORESCU_SYNTAX else []), "-aet", calling,
-               "-aec", aet, "127.0.0.1", str(port), str(f)]
+               "-aec", aec, "127.0.0.1", str(port), str(f)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if out.returncode != 0 or "E:" in out.stderr:
-            raise RuntimeError(f"storescu {f.name} to the node failed: {(out.stdout + out.stderr)[-1000:]}")
+            raise RuntimeError(f"storescu {f.name} to {aec} failed: {(out.stdout + out.stderr)[-1000:]}")
+
+
+def send_to_node(files: list[Path], port: int, aet: str = "MEDLENS", calling: str = "STORESCU") -> None:
+    """storescu straight to the node (the PACS is down, or a modality sends directly)."""
+    storescu(files, port, aet, calling)
 
 
 class Node:

@@ -332,10 +332,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MedlensError(f"the service needs packages that are not installed ({exc.name})",
                            hint="pip install 'medlens[service]'") from exc
     from medlens.models.card import _find_card
+    from medlens.rundir import existing_run
 
-    run = Path(args.run)
-    if not run.exists():
-        raise MedlensError(f"run directory '{run}' does not exist", hint="pass the --out folder of `medlens train`")
+    run = existing_run(args.run)
     _find_card(run)  # no card: one clear message now rather than a failed start-up later
     settings = ServiceSettings.load(run, database=args.db)
     if getattr(args, "workers", 1) > 1:

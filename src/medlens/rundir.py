@@ -83,6 +83,16 @@ def evaluations_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / EVALUATIONS
 
 
+def existing_run(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path; a clear error when it does not exist (commands that serve a run start here)."""
+    from medlens.errors import MedlensError
+
+    run = Path(run_dir)
+    if not run.exists():
+        raise MedlensError(f"run directory '{run}' does not exist", hint="pass the --out folder of `medlens train`")
+    return run
+
+
 def is_run(run_dir: str | Path) -> bool:
     return config_path(run_dir).is_file()
 

@@ -48,12 +48,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from medlens.pacs.destinations import parse_destination
     from medlens.pacs.node import DicomNode, NodeConfig
     from medlens.pacs.spool import Spool
+    from medlens.rundir import existing_run
     from medlens.service.audit import AuditLog
     from medlens.service.settings import ServiceSettings
 
-    run = Path(args.run)
-    if not run.exists():
-        raise MedlensError(f"run directory '{run}' does not exist", hint="pass the --out folder of `medlens train`")
+    run = existing_run(args.run)
     if len(args.ae_title) > 16:
         raise MedlensError(f"AE title '{args.ae_title}' is longer than 16 characters")
     settings = ServiceSettings.load(run, database=args.db)
