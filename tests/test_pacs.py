@@ -367,7 +367,10 @@ def test_callers_outside_the_allowed_hosts_and_ae_titles_are_refused_and_audited
         send_to_node([ct], strict.port, calling="PACS1")  # the allowed caller gets in
     finally:
         strict.stop()
-    assert "dicom-receive" in {r.action for r in _audit_rows(strict.db) if r.status == 200}
+    rows = _audit_rows(strict.db)
+    assert "dicom-receive" in {r.action for r in rows if r.status == 200}
+    rejected = [r for r in rows if r.action == "dicom-associate"]
+    assert len(rejected) == 1 and rejected[0].status == 403 and "INTRUDER" in rejected[0].error
 
 
 def test_results_by_stow_rs_to_orthanc_dicomweb(pacs, tiny_run, dicom_dir):

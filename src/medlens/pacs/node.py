@@ -132,7 +132,8 @@ class DicomNode:
         self._work.set()  # pick up what an earlier process left in the spool
         self._outgoing.set()
         self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)])
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                                                     (evt.EVT_REJECTED, self._on_rejected)])
         return self
 
     def stop(self) -> None:
@@ -153,6 +154,14 @@ class DicomNode:
     def _on_echo(self, event: Any) -> int:
         aet, address = self._caller(event)
         return SUCCESS if self.config.host_allowed(address) else NOT_AUTHORISED
+
+    def _on_rejected(self, event: Any) -> None:
+        """An association this node rejected (a calling AE title not in --allow-aet): audited like a refusal."""
+        aet, address = self._caller(event)
+        _log.warning("association from %s (%s) rejected: calling AE title not allowed", aet, address)
+        self._audit_quietly(request_id=request_id("rej", aet, address, f"{time.time():.6f}"), action="dicom-associate",
+                            status=403, user=f"dicom:{aet}", role="dicom",
+                            error=f"calling AE title '{aet}' from {address} is not an allowed caller")
 
     def _on_store(self, event: Any) -> int:
         from medlens.service.deid import dicom_fields
