@@ -30,6 +30,17 @@ STORESCU_SYNTAX = {"1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-
                    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr"}
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def require_pacs_tools() -> None:
     for tool in ("Orthanc", "storescu"):
         if shutil.which(tool) is None:
@@ -81,13 +92,7 @@ class Orthanc:
         raise RuntimeError("Orthanc did not answer on its HTTP port in time")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 20)
         self.proc = None
 
     def get(self, path: str) -> Any:
@@ -170,12 +175,7 @@ class Node:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 30)
         self.proc = None
 
     def log(self) -> str:

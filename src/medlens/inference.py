@@ -9,8 +9,10 @@ use, so the network sees identically prepared input everywhere.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,7 +147,8 @@ class Predictor:
         return (f"refer when the {measure} ({method}) exceeds {float(threshold):.4g} nats: the most "
                 f"uncertain {share:.0%} of {refer.get('n', '?')} held-apart validation images")
 
-    def predict(self, paths: list[str | Path], uncertainty: str | None = None) -> list[dict]:
+    def predict(self, paths: list[str | Path], uncertainty: str | None = None, *,
+                read: Callable[[Any], tuple[np.ndarray, dict]] = read_image) -> list[dict]:
         """One result per file: calibrated probability, label at the operating point, threshold, model id,
         ``refer`` (the card's referral policy for the chosen uncertainty method; ``softmax`` by default) and,
         with ``uncertainty`` (mc | tta | ensemble), the spread over the passes. Unreadable files give a result
@@ -153,7 +156,8 @@ class Predictor:
 
         Every result says whether the input is assessable (``in_domain``, ``domain_score``, ``domain_reason``,
         see ``medlens.domain``); when it is not, ``label`` and ``positive`` are null, ``refer`` is true, the
-        ``refer_reason`` says why and the probability is kept for research use only (``probability_note``)."""
+        ``refer_reason`` says why and the probability is kept for research use only (``probability_note``).
+        ``read`` decodes one path (default :func:`read_image`; the DICOM node passes the image it already has)."""
         method = uncertainty or "softmax"
         if method not in UNCERTAINTY_METHODS:
             raise ConfigError(f"unknown uncertainty method {method!r}",
@@ -162,7 +166,7 @@ class Predictor:
         batch, where, images, metas = [], [], [], []
         for path in paths:
             try:
-                image, meta = read_image(path)
+                image, meta = read(path)
             except DataError as exc:
                 results.append({"path": str(path), "error": exc.message})
                 continue

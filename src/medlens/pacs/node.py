@@ -25,6 +25,7 @@ already there is a no-op), and a PACS stores one copy of a UID.
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
 import logging
 import threading
@@ -227,33 +228,46 @@ class DicomNode:
         """Predict one spooled instance, write its SR (and Secondary Capture), record it; the prediction id."""
         import pydicom
 
+        from medlens.data.dicom import read_dicom_dataset
+        from medlens.errors import DataError
         from medlens.pacs.results import make_secondary_capture, make_sr
         from medlens.service.deid import dicom_fields
 
         started = time.perf_counter()
         info = self.spool.info(path)
         card = self.predictor.card
-        ds = pydicom.dcmread(path)
+        data = path.read_bytes()  # read, parsed and decoded once: prediction, heat map, SR and audit share it
+        digest = hashlib.sha256(data).hexdigest()
+        ds = pydicom.dcmread(io.BytesIO(data))
         sop_uid = str(ds.SOPInstanceUID)
         pid = request_id("dcm", sop_uid, card.model_id, card.policy_hash)
-        result = self.predictor.predict([path])[0]
+        try:
+            decoded: tuple[Any, dict] | None = read_dicom_dataset(ds, "the image")
+        except DataError as exc:
+            decoded, error = None, exc
+
+        def read(_path: Any) -> tuple[Any, dict]:
+            if decoded is None:
+                raise error
+            return decoded
+
+        result = self.predictor.predict([path], read=read)[0]
         if "error" in result:  # unreadable pixels: an SR that says so
-            result = {"in_domain": False, "domain_reason": result["error"].replace(str(path), "the image"),
-                      "positive": None, "label": None, "probability": None, "threshold": float(card.threshold),
-                      "refer": True, "refer_reason": "not assessable: the image could not be read",
+            result = {"in_domain": False, "domain_reason": result["error"], "positive": None, "label": None,
+                      "probability": None, "threshold": float(card.threshold), "refer": True,
+                      "refer_reason": "not assessable: the image could not be read",
                       "model_id": card.model_id, "policy_hash": card.policy_hash}
         with warnings.catch_warnings():  # highdicom warns about the source's one-part person names
             warnings.simplefilter("ignore", UserWarning)
             sr = make_sr(ds, result, card, version=self.version)
-            picture = self._heatmap(path, result)
+            picture = None if decoded is None else self._heatmap(*decoded, result)
             sc = None if picture is None else make_secondary_capture(ds, picture, card)
         self.spool.add_result(pid, "sr", str(sr.SOPInstanceUID), _encode(sr))
         results = {"sr": str(sr.SOPInstanceUID)}
         if sc is not None:
             self.spool.add_result(pid, "sc", str(sc.SOPInstanceUID), _encode(sc))
             results["sc"] = str(sc.SOPInstanceUID)
-        digest = _file_sha256(path)
-        output = prediction_output(pid, result, card, ds, info, self.version, path.stat().st_size,
+        output = prediction_output(pid, result, card, ds, info, self.version, len(data),
                                    self.audit.hash_key, results, digest)
         self.audit.record(request_id=pid, action="predict", status=200, user=f"dicom:{info.get('calling_ae_title')}",
                           role="dicom", input_sha256=digest, dicom=dicom_fields(ds),
@@ -267,20 +281,15 @@ class DicomNode:
                   ", ".join(f"{k} {v}" for k, v in results.items()))
         return pid
 
-    def _heatmap(self, path: Path, result: dict[str, Any]) -> Any:
+    def _heatmap(self, image: Any, meta: dict[str, Any], result: dict[str, Any]) -> Any:
         """The Grad-CAM overlay of the label shown, or None when the modality is not one the model takes."""
         import numpy as np
         from PIL import Image
 
-        from medlens.data.readers import read_image
         from medlens.domain import metadata_reason
         from medlens.explain import overlay
         from medlens.forward import normalize_batch, shown_class
 
-        try:
-            image, meta = read_image(path)
-        except Exception:  # noqa: BLE001 - the SR already says the image could not be read
-            return None
         if metadata_reason(meta, (self.predictor.card.domain or {}).get("dicom")) is not None:
             return None
         card = self.predictor.card
@@ -335,10 +344,6 @@ def _encode(ds: Any) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _iso(ts: float | None) -> str | None:
