@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -304,3 +305,87 @@ def test_normalize_batch_other_modes():
         normalize_batch(x, "imagenet")
     with pytest.raises(TypeError):
         normalize_batch(x.long(), "unit_range")
+
+
+# ------------------------------------------------------------------------------- the CPU inference form
+def _with_running_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms, so folding them into the convolutions is not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["seed_cnn", "seed_resnet", "seed_cbam"])
+def test_inference_form_keeps_logits_and_features(name):
+    """The served CPU form (BatchNorm folded into the convolution before it, channels-last) computes what the
+    checkpoint's network computes: logits and pooled features equal to float32 rounding."""
+    from medlens.forward import predict_logits
+    from medlens.models.base import CHANNELS_LAST, inference_form
+
+    torch.manual_seed(0)
+    model = _with_running_stats(create_model(name))
+    x = (torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    expected = predict_logits(model, x, intensity="unit_range")
+    expected_features = model.forward_features(x.float() / 255).mean(dim=(2, 3))
+    served = inference_form(copy.deepcopy(model))
+    assert getattr(served, CHANNELS_LAST) is True
+    got = predict_logits(served, x, intensity="unit_range")
+    with torch.no_grad():
+        got_features = served.forward_features((x.float() / 255).contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert torch.allclose(got_features.mean(dim=(2, 3)), expected_features.detach(), atol=1e-4)
+
+
+def test_inference_form_folds_each_conv_batchnorm_pair():
+    """Every BatchNorm right after a convolution in a Sequential is gone (an Identity keeps its name), the
+    convolutions are channels-last, and the other layers are untouched."""
+    from medlens.models.base import inference_form
+
+    model = inference_form(_with_running_stats(create_model("seed_cnn")))
+    for block in model.features:
+        assert isinstance(block[0], torch.nn.Conv2d) and block[0].bias is not None
+        assert isinstance(block[1], torch.nn.Identity)
+        assert isinstance(block[2], torch.nn.ReLU) and isinstance(block[3], torch.nn.MaxPool2d)
+        assert block[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model.get_submodule(model.cam_layer) is model.features
+
+
+def test_inference_form_gradcam_matches_the_checkpoint_network():
+    """Heat maps from the served form equal those of the checkpoint's network (Grad-CAM hooks ``cam_layer``)."""
+    import copy
+
+    from medlens.explain import explain
+    from medlens.models.base import inference_form
+
+    torch.manual_seed(0)
+    model = _with_running_stats(create_model("seed_cnn"))
+    served = inference_form(copy.deepcopy(model))
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    a = explain(model, x, "gradcam", layer=model.cam_layer)
+    b = explain(served, x.contiguous(memory_format=torch.channels_last), "gradcam", layer=served.cam_layer)
+    assert torch.equal(a.targets, b.targets)
+    assert torch.allclose(a.maps, b.maps, atol=1e-4), (a.maps - b.maps).abs().max()
+
+
+def test_cpu_predictor_serves_the_inference_form(tiny_run):
+    """``Predictor.from_run`` on the CPU serves the folded channels-last form, and its probabilities are the
+    checkpoint network's (the service, ``medlens predict`` and the DICOM node all go through it)."""
+    from medlens.forward import predict_logits, probabilities
+    from medlens.inference import Predictor
+    from medlens.models.base import CHANNELS_LAST
+
+    predictor = Predictor.from_run(tiny_run, device="cpu")
+    assert getattr(predictor.model, CHANNELS_LAST, False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    reference, card = load_checkpoint(tiny_run)
+    size = card.input_size
+    x = (torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    expected = probabilities(predict_logits(reference.eval(), x, intensity=card.intensity), card.temperature)
+    got = predictor.predict_images(x)
+    assert abs(got - expected[:, card.positive_class]).max() < 1e-5

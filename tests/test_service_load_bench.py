@@ -157,7 +157,8 @@ class _NoServer:
         pass
 
 
-def test_run_once_fails_a_run_whose_requests_got_no_answer(bench, tmp_path, monkeypatch):
+@pytest.mark.parametrize("client", ["raw", "httpx"])
+def test_run_once_fails_a_run_whose_requests_got_no_answer(bench, tmp_path, monkeypatch, client):
     """run_once end to end (the real clients, a server whose port refuses connections): the transport errors
     are counted and fail the run, even though everything else (stop, audit) is clean."""
     monkeypatch.setattr(bench, "Server", _NoServer)
@@ -166,7 +167,8 @@ def test_run_once_fails_a_run_whose_requests_got_no_answer(bench, tmp_path, monk
                                                                   "calls_by_size": {}})
     monkeypatch.setattr(bench, "check_audit", lambda db, answers: {"ok": not answers, "answers": len(answers)})
     upload = bench.Upload("x", b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b")
-    args = argparse.Namespace(run=tmp_path / "run", port=0, clients=1, warmup=0.0, seconds=0.3, timeout=0.2)
+    args = argparse.Namespace(run=tmp_path / "run", port=0, clients=1, warmup=0.0, seconds=0.3, timeout=0.2,
+                              client=client)
     run = bench.run_once("batching", 1, 1, args, [upload], tmp_path)
     assert run["transport_errors"] > 0 and run["transport_errors_by_type"].keys() == {"ConnectError"}
     assert run["audit"]["ok"] and run["server_stop"]["clean"] and run["responses_5xx"] == 0
@@ -213,3 +215,55 @@ def test_no_readme_row_when_a_mode_had_no_200_answer(bench, empty):
     summary = bench.summarise(runs, ["batching", "no-batching"])
     assert summary[empty]["latency_p50_ms"]["mean"] is None and not summary[empty]["passed"]
     assert bench.readme_figure({"summary": summary, "clients": 16, "seconds": 60.0, "recipe": "cxr_cpu"}) is None
+
+
+def test_raw_client_reads_every_answer_on_keep_alive_connections(bench):
+    """The lean load client against a real socket server: each request's status and X-Request-ID are recorded,
+    bodies framed by Content-Length and by chunks are both consumed (the next answer on the same connection is
+    read right), and a ``Connection: close`` answer is kept and followed by a new connection."""
+    import asyncio
+
+    seen = {"connections": 0, "requests": 0}
+
+    async def handle(reader, writer):
+        seen["connections"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
+                await reader.readexactly(length)
+                seen["requests"] += 1
+                n = seen["requests"]
+                rid = f"rid-{n}".encode()
+                if n % 3 == 0:  # chunked, with a chunk extension
+                    writer.write(b"HTTP/1.1 429 Too Many\r\nX-Request-ID: " + rid + b"\r\nTransfer-Encoding: chunked"
+                                 b"\r\n\r\n5;x=1\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n")
+                elif n % 5 == 0:  # the server closes after this answer
+                    writer.write(b"HTTP/1.1 503 Busy\r\nX-Request-ID: " + rid + b"\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\n{}")
+                    await writer.drain()
+                    writer.close()
+                    return
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nx-request-id: " + rid + b"\r\nContent-Length: 11\r\n\r\n"
+                                 b'{"ok":true}')
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upload = bench.Upload("x", b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b")
+        stop_at = time.perf_counter() + 0.5
+        async with server:
+            return await bench.run_clients_raw(f"http://127.0.0.1:{port}", "mlk_k", [upload], 1, stop_at, 2.0)
+
+    results = asyncio.run(main())
+    assert results and all(r.error is None for r in results), [r.error for r in results if r.error][:3]
+    assert [r.request_id for r in results] == [f"rid-{i}" for i in range(1, len(results) + 1)]
+    statuses = {i + 1: r.status for i, r in enumerate(results)}
+    assert all(s == (429 if i % 3 == 0 else 503 if i % 5 == 0 else 200) for i, s in statuses.items())
+    closed_after = [i for i in statuses if i % 5 == 0 and i % 3 != 0]  # answers after which the server closed
+    reopened = len(closed_after) - (closed_after[-1:] == [len(results)])  # no new connection after the last one
+    assert len(results) >= 10 and seen["connections"] == 1 + reopened

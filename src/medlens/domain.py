@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from medlens.errors import DataError
-from medlens.forward import model_device, modes_restored
+from medlens.forward import model_device, modes_restored, wants_channels_last
 from medlens.models.card import normalize_batch
 
 #: the DICOM gate a model gets when its card says nothing else (a frontal chest radiograph)
@@ -157,7 +157,7 @@ def logits_and_pooled(model: nn.Module, images: torch.Tensor, *, intensity: str,
         model.eval()
         for start in range(0, len(images), batch_size):
             x = normalize_batch(images[start:start + batch_size].to(device), intensity)
-            if device.type == "cuda" and x.ndim == 4:
+            if wants_channels_last(model, device) and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 f = model.forward_features(x)

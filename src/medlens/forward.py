@@ -23,6 +23,7 @@ from torch import nn
 
 from medlens.errors import DataError
 from medlens.models.card import normalize_batch
+from medlens.models.base import CHANNELS_LAST
 
 __all__ = [
     "ArrayLike",
@@ -81,6 +82,12 @@ def modes_restored(model: nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ logits
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """True when 4-D input to ``model`` should be channels-last: on CUDA, and for a model in
+    :func:`medlens.models.base.inference_form` (a channels-last CPU predictor)."""
+    return device.type == "cuda" or bool(getattr(model, CHANNELS_LAST, False))
+
+
 def forward_batches(model: nn.Module, x: torch.Tensor, *, intensity: str | None, batch_size: int = 256,
                     device: torch.device | None = None, amp: bool = True,
                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -90,13 +97,13 @@ def forward_batches(model: nn.Module, x: torch.Tensor, *, intensity: str | None,
     ``intensity`` None: ``x`` is network input already. Otherwise ``x`` is quantised images (uint8, or float
     in [0, 1]) and each batch goes through ``normalize_batch(batch, intensity)`` on ``device``, after
     ``transform`` when one is given (test-time augmentation: uint8 or [0, 1] batch in, [0, 1] float out).
-    4-D batches are made channels-last on CUDA; the forward pass runs under :func:`autocast`.
+    4-D batches are made channels-last on CUDA and for a model in ``inference_form``; the forward pass runs under :func:`autocast`.
     Raises ``ValueError`` for an empty ``x``.
     """
     if len(x) == 0:
         raise ValueError("no images: x is empty")
     device = device or model_device(model)
-    channels_last = device.type == "cuda"
+    channels_last = wants_channels_last(model, device)
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):

@@ -23,6 +23,7 @@ from medlens.data.readers import read_image
 from medlens.domain import DomainGate, apply_verdict, logits_and_pooled
 from medlens.errors import ConfigError, DataError
 from medlens.forward import decide, predict_logits, probabilities, resolve_device
+from medlens.models.base import inference_form
 from medlens.models.card import ModelCard, load_checkpoint
 from medlens.seg.crop import LungCropper, lung_cropper
 from medlens.uncertainty import UNCERTAINTY_METHODS, predictive
@@ -58,6 +59,8 @@ class Predictor:
         model.to(dev).eval()
         if dev.type == "cuda":
             model.to(memory_format=torch.channels_last)
+        elif backend == "torch":  # BatchNorm folded, channels-last: the CPU's fast form (not the ONNX backends'
+            inference_form(model)  # torch_model, which keeps the checkpoint's own form for heat maps)
         common = {"card": card, "device": dev, "gate": DomainGate.for_run(run_dir, card.domain),
                   "crop": lung_cropper(card.preprocess, run_dir)}
         if backend == "torch":
