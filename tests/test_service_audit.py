@@ -72,6 +72,69 @@ def test_foreign_sqlite_engine_is_refused(tmp_path):
         AuditLog(sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}"))
 
 
+def _holding_writer(engine, seconds: float, entered: threading.Event, out: dict) -> threading.Thread:
+    """A thread that holds a write transaction on ``engine`` for ``seconds``; ``out["released"]`` is when it
+    had committed and let go (time.monotonic)."""
+    def hold():
+        with write_transaction(engine) as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            entered.set()
+            time.sleep(seconds)
+        out["released"] = time.monotonic()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    return thread
+
+
+def test_sqlite_writers_start_within_milliseconds_of_the_lock_being_free(tmp_path):
+    """Two engines on one SQLite file (as two ``--workers`` processes have): the second writer starts within a
+    few ms of the first one's commit, on the writer lock file, not up to ~100 ms later when SQLite's busy handler
+    wakes from its growing sleeps (1, 2, 5, ... 100 ms; at 0.34 s it sleeps from 0.328 s to 0.428 s)."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first, second = create_engine(url), create_engine(url)
+    with write_transaction(first) as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    lags = []
+    for _ in range(3):
+        entered, out = threading.Event(), {}
+        holder = _holding_writer(first, 0.34, entered, out)
+        assert entered.wait(10)
+        with write_transaction(second) as conn:
+            started = time.monotonic()
+            conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+        holder.join()
+        lags.append(started - out["released"])
+    assert min(lags) >= 0 and sorted(lags)[1] < 0.02, lags  # the median of three: robust to one slow wake-up
+    assert stat.S_IMODE((tmp_path / "audit.db-writer.lock").stat().st_mode) == 0o600  # private, like the database
+    with first.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 6
+    first.dispose()
+    second.dispose()
+
+
+def test_sqlite_writer_lock_held_past_the_timeout_is_database_locked(tmp_path):
+    """A writer that cannot have the lock within its timeout fails like SQLite's busy timeout does (``database
+    is locked``, SQLAlchemy's OperationalError: the audit writer withholds such answers), and in that time."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first, second = create_engine(url), create_engine(url)
+    with write_transaction(first) as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    entered, out = threading.Event(), {}
+    holder = _holding_writer(first, 1.0, entered, out)
+    assert entered.wait(10)
+    began = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError, match="database is locked"):
+        with write_transaction(second, lock_timeout_s=0.2) as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+    assert 0.15 < time.monotonic() - began < 0.8
+    holder.join()
+    with write_transaction(second, lock_timeout_s=0.2) as conn:  # free again: the next write goes through
+        conn.exec_driver_sql("INSERT INTO t VALUES (3)")
+    first.dispose()
+    second.dispose()
+
+
 def test_sqlite_kill9_keeps_every_acknowledged_row(tmp_path):
     """A writer (3 threads) prints each request id after record() returns and is SIGKILLed mid-stream."""
     db = tmp_path / "audit.db"
