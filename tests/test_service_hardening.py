@@ -247,6 +247,41 @@ def test_the_decode_gate_bounds_memory_keeps_arrival_order_and_survives_cancella
     assert asyncio.run(scenario()) == ["big", "huge", "small1", "small2"]
 
 
+def test_the_decode_gate_admits_a_worker_thread_at_once_only_when_nobody_waits():
+    """try_acquire (a worker thread planning and decoding in one go) takes budget and a slot only when they are
+    free and no request is queued for them: it never overtakes a waiting upload, and gives back what it took."""
+    import asyncio
+
+    from medlens.service.uploads import DecodeGate
+
+    gate = DecodeGate(budget=100, slots=2)
+    assert gate.try_acquire(60) and (gate.used, gate.running) == (60, 1)
+    assert not gate.try_acquire(50)  # over the budget
+    assert gate.try_acquire(40) and not gate.try_acquire(0)  # both slots taken
+    gate.release(40)
+    gate.release(60)
+    assert (gate.used, gate.running) == (0, 0)
+
+    async def scenario() -> list[bool]:
+        seen = []
+        assert gate.try_acquire(90)
+        waiter = asyncio.create_task(_hold(gate, 50))  # queues: 90 + 50 > 100
+        await asyncio.sleep(0.01)
+        seen.append(gate.try_acquire(5))  # fits the budget and a slot, but a request waits: refused
+        gate.release(90)
+        await asyncio.wait_for(waiter, 10)
+        seen.append(gate.try_acquire(5))  # nobody waits any more
+        gate.release(5)
+        return seen
+
+    async def _hold(g, n):
+        async with g.reserve(n):
+            await asyncio.sleep(0.01)
+
+    assert asyncio.run(scenario()) == [False, True]
+    assert (gate.used, gate.running) == (0, 0)
+
+
 # ------------------------------------------------------------------------------------------------ access log
 
 

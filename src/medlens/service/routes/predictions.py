@@ -44,7 +44,7 @@ from medlens.service.uploads import (
     DISPLAY_MAX_SIDE,
     DecodedUpload,
     decode_upload,
-    plan_decode,
+    plan_and_decode,
     read_upload,
     sha256,
 )
@@ -80,9 +80,12 @@ async def create_prediction(
     if method not in st.methods:
         raise ApiError(422, f"this model does not support uncertainty '{method}' (it supports "
                             f"{', '.join(st.methods)}){' (ensemble needs an ensemble run)' if method == 'ensemble' else ''}")
-    plan = await anyio.to_thread.run_sync(plan_decode, data, ctx, st.settings)  # header only: 413 / 415 / 422
-    async with st.decode_gate.reserve(plan.estimate):  # waits while the decodes in flight fill the budget
-        decoded = await anyio.to_thread.run_sync(decode_upload, data, ctx, st.settings, st.predictor, plan)
+    # the header first (413 / 415 / 422), then the decode on the same thread if the gate is open at once
+    plan, decoded = await anyio.to_thread.run_sync(plan_and_decode, data, ctx, st.settings, st.predictor,
+                                                   st.decode_gate)
+    if decoded is None:
+        async with st.decode_gate.reserve(plan.estimate):  # waits while the decodes in flight fill the budget
+            decoded = await anyio.to_thread.run_sync(decode_upload, data, ctx, st.settings, st.predictor, plan)
     result = await st.runner.submit(decoded.image, method)
     prediction = prediction_body(ctx, st, method, result, decoded, len(data))
     ctx.output = prediction
