@@ -192,3 +192,18 @@ def test_prediction_and_domain_score_share_one_forward_pass(tiny_run, cxr_tiny):
     np.testing.assert_allclose(one["probability"], separate["probability"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(one["domain_score"], scores, rtol=1e-6)
     np.testing.assert_array_equal(one["refer"], separate["refer"])
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (1100, 700)])  # the second is strided (step 2) before it is measured
+def test_neighbour_correlation_is_the_pearson_correlation_of_neighbours(shape):
+    from medlens.domain import neighbour_correlation
+
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.random(shape, dtype=np.float32), axis=1)
+    smooth = (smooth / smooth.max()).astype(np.float32)
+    for image in (smooth, rng.random(shape, dtype=np.float32), np.full(shape, 0.5, np.float32)):
+        step = max(1, max(shape) // 512)
+        x = image[::step, ::step].astype(np.float64)
+        pairs = [(x[:, :-1].ravel(), x[:, 1:].ravel()), (x[:-1, :].ravel(), x[1:, :].ravel())]
+        expected = np.mean([1.0 if a.std() == 0 or b.std() == 0 else np.corrcoef(a, b)[0, 1] for a, b in pairs])
+        assert neighbour_correlation(image) == pytest.approx(expected, abs=1e-9)
