@@ -94,7 +94,7 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm"}
 MODES = {"batching": [], "no-batching": ["--no-batching"], "workers-2": ["--workers", "2"],
          "workers-2-pg": ["--workers", "2"], "peer": [], "peer-workers-2": ["--workers", "2"],
          "batching-int8": ["--backend", "onnx-int8"], "workers-2-int8": ["--workers", "2", "--backend", "onnx-int8"],
-         "workers-4": ["--workers", "4"]}
+         "peer-workers-2-int8": ["--workers", "2", "--backend", "onnx-int8"], "workers-4": ["--workers", "4"]}
 #: ``*-int8`` modes serve the run's ONNX Runtime INT8 export (``medlens export RUN --data DATA --int8`` first)
 #: ``*-pg`` modes keep the audit trail in PostgreSQL (a throwaway server started by this script, fsync on);
 #: ``peer*`` modes run bench/peer_app.py (the same model behind a bare FastAPI endpoint: no auth, no audit)
@@ -780,7 +780,8 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
             "per_round": spread(per_round, 2),
         }
     pairs = [("batching", "peer"), ("workers-2", "peer-workers-2"), ("workers-2-pg", "peer-workers-2"),
-             ("workers-2-int8", "workers-2"), ("batching-int8", "batching")]
+             ("workers-2-int8", "peer-workers-2-int8"), ("workers-2-int8", "workers-2"),
+             ("batching-int8", "batching")]
     out["medlens_over_peer"] = {}
     for mine, peer in pairs:  # the same number of server processes on both sides
         if mine in out and peer in out and out[peer]["throughput_rps"]["mean"]:
@@ -800,13 +801,15 @@ def readme_workers_figure(result: dict[str, Any]) -> list[str]:
     JSON only; modes that did not run are left out."""
     summary, rows = result["summary"], []
     ratios = summary.get("medlens_over_peer") or {}
-    for mode, database in (("workers-2", "SQLite"), ("workers-2-pg", "PostgreSQL")):
+    for mode, database, peer_mode in (("workers-2", "SQLite", "peer-workers-2"),
+                                      ("workers-2-pg", "PostgreSQL", "peer-workers-2"),
+                                      ("workers-2-int8", "SQLite, model as ONNX Runtime INT8", "peer-workers-2-int8")):
         m = summary.get(mode)
         if not m or m["throughput_rps"]["mean"] is None or m["latency_p99_ms"]["mean"] is None:
             continue
         t = m["throughput_rps"]
-        ratio = ratios.get(f"{mode} / peer-workers-2")
-        peer = (f"; bare FastAPI peer {summary['peer-workers-2']['throughput_rps']['mean']:.1f} req/s, medlens / "
+        ratio = ratios.get(f"{mode} / {peer_mode}")
+        peer = (f"; bare FastAPI peer {summary[peer_mode]['throughput_rps']['mean']:.1f} req/s, medlens / "
                 f"peer {ratio['of_means']:.2f}x" if ratio else "")
         rows.append(f"| API load, `--workers 2`, audit in {database}, {result['clients']} clients, "
                     f"{result['seconds']:g} s x {m['runs']} runs (interleaved) | {t['mean']:.1f} req/s (runs "
@@ -920,7 +923,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: batching, no-batching, workers-2 (two server processes, one database), "
                         "batching-int8 and workers-2-int8 (the same with --backend onnx-int8), "
                         "workers-2-pg (the same, audit trail in a throwaway PostgreSQL server, fsync on), peer and "
-                        "peer-workers-2 (bench/peer_app.py: the same model behind a bare FastAPI endpoint)")
+                        "peer-workers-2 (bench/peer_app.py: the same model behind a bare FastAPI endpoint), peer-workers-2-int8 "
+                        "(the peer on the INT8 export)")
     p.add_argument("--profile", type=float, default=0.0,
                    help="after the measured runs, one more run per --profile-modes mode with py-spy sampling the "
                         "server for this many seconds (not counted in the figures): where the time goes")

@@ -4,6 +4,8 @@ limits. It is what the service's guarantees cost against, not a product.
 
     python bench/peer_app.py RUN --port 8123 [--workers 2]
 
+``--backend onnx-int8`` serves the run's ONNX Runtime export, as ``medlens serve --backend`` does.
+
 ``POST /v1/predictions`` (multipart field ``file``, read by FastAPI's ``UploadFile``): decode with Pillow to an
 8-bit grey image, medlens's own ``Predictor.prepare`` (so the network gets exactly the input medlens gives it:
 size, CLAHE, lung crop where the card says so), one forward pass in FastAPI's thread pool, JSON with the label and
@@ -24,6 +26,7 @@ from typing import Annotated
 from fastapi import File, UploadFile
 
 RUN_ENV = "MEDLENS_PEER_RUN"
+BACKEND_ENV = "MEDLENS_PEER_BACKEND"
 
 
 def create_app():
@@ -35,7 +38,8 @@ def create_app():
     from medlens.inference import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor.from_run(os.environ[RUN_ENV], device="cpu")
+    predictor = Predictor.from_run(os.environ[RUN_ENV], device="cpu",
+                                   backend=os.environ.get(BACKEND_ENV, "torch"))
     card = predictor.card
     app = FastAPI()
 
@@ -62,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--backend", default="torch", help="torch, onnx or onnx-int8, as `medlens serve --backend`")
     args = p.parse_args(argv)
     os.environ[RUN_ENV] = os.path.abspath(args.run)
+    os.environ[BACKEND_ENV] = args.backend
     import uvicorn
 
     here = os.path.dirname(os.path.abspath(__file__))
