@@ -356,6 +356,21 @@ def test_database_refuses_update_delete(db_url):
     log.close()
 
 
+def test_insert_rows_writes_a_group_once_and_says_which_rows_were_new(db_url):
+    """One transaction for a group (PostgreSQL: one multi-row INSERT): per row True if written, False for an id
+    already in the trail or earlier in the same group; exactly one row per id afterwards."""
+    log = AuditLog(db_url)
+    _record(log, "old")
+    rows = [log.prepare(request_id=rid, action="predict", status=status, user="alice")
+            for rid, status in (("a", 200), ("old", 200), ("b", 503), ("a", 401), ("c", 200))]
+    assert log.insert_rows(rows) == [True, False, True, False, True]
+    with log.engine.connect() as conn:
+        got = conn.execute(sa.select(log.table.c.request_id, log.table.c.status)).all()
+    assert sorted(got) == [("a", 200), ("b", 503), ("c", 200), ("old", 200)]
+    assert log.insert_rows([]) == []
+    log.close()
+
+
 def test_duplicate_request_id_is_not_duplicated(db_url):
     log = AuditLog(db_url)
     assert _record(log, "r1", output={"probability": 0.1}) is True

@@ -240,6 +240,8 @@ class AuditLog:
 
         This is what makes group commit possible (:class:`GroupCommitter`): the cost of a durable commit is
         paid once for every row that arrived while the previous commit ran."""
+        if not rows:
+            return []
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
             if dialect == "sqlite":
@@ -250,15 +252,18 @@ class AuditLog:
             # row cost SQLAlchemy a new statement and cache key each time (~0.3 ms a row, much of the audit's share
             # of a loaded server's CPU)
             stmt = insert(self.table).on_conflict_do_nothing(index_elements=["request_id"])
-            if dialect == "postgresql":
-                stmt = stmt.returning(self.table.c.id)
             with write_transaction(self.engine) as conn:
-                out = []
+                if dialect == "sqlite":  # in-process, no round trips: one execute a row, its row count is exact
+                    return [conn.execute(stmt, row).rowcount == 1 for row in rows]
+                # PostgreSQL: one round trip for the whole group (SQLAlchemy's "insertmanyvalues" makes the
+                # executemany one multi-row INSERT), not one a row; the request ids that come back are the rows
+                # written. A second row with the same id in one group is not (the conflict skips it).
+                written = {r[0] for r in conn.execute(stmt.returning(self.table.c.request_id), rows)}
+                out, seen = [], set()
                 for row in rows:
-                    if dialect == "sqlite":  # RETURNING needs SQLite >= 3.35; the row count is exact here
-                        out.append(conn.execute(stmt, row).rowcount == 1)
-                    else:  # psycopg's row count is not: a row back = inserted
-                        out.append(conn.execute(stmt, row).first() is not None)
+                    rid = row["request_id"]
+                    out.append(rid in written and rid not in seen)
+                    seen.add(rid)
                 return out
         out = []
         for row in rows:  # other databases: a plain insert each; a duplicate shows as an integrity error
