@@ -322,6 +322,37 @@ def test_adding_the_column_needs_the_table_owner(pg_server):
     owner.dispose()
 
 
+def test_postgresql_pool_replaces_connections_the_server_dropped(pg_url, monkeypatch):
+    """Connections the server dropped while idle (a restart, a proxy timeout) are pinged at checkout and replaced:
+    the next key lookup and audit write work. Connections used within IDLE_PING_S are not pinged (no round trip
+    before every query under load, as SQLAlchemy's pool_pre_ping would add)."""
+    import medlens.service.db as db
+    from medlens.service.auth import KeyStore
+
+    log = AuditLog(pg_url)
+    keys = KeyStore(log.engine)
+    key = keys.create("alice", "clinician")
+    pings = []
+    real = log.engine.dialect.do_ping
+    monkeypatch.setattr(log.engine.dialect, "do_ping", lambda conn: pings.append(1) or real(conn))
+    for i in range(5):  # busy: no pings
+        assert keys.verify(key).name == "alice"
+        _record(log, f"busy-{i}")
+    assert pings == []
+    admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"), poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:  # the server drops every other connection to this database
+        dropped = conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    admin.dispose()
+    assert dropped >= 1
+    monkeypatch.setattr(db, "IDLE_PING_S", 0.2)
+    time.sleep(0.3)
+    assert keys.verify(key).name == "alice"  # the dead connection was pinged and replaced
+    assert _record(log, "after-drop") is True
+    assert pings, "an idle connection was handed out without a ping"
+    log.close()
+
+
 def test_adding_the_column_does_not_wait_long_for_a_busy_table(pg_url):
     """A transaction holding the audit table (a long report, an open psql session) makes the ALTER give up
     after 5 s with a ConfigError, instead of queueing every other query on the table behind it for ever."""
