@@ -65,6 +65,27 @@ def test_verify_revoke_and_list(db_url):
     store.close()
 
 
+def test_postgresql_key_lookup_opens_no_transaction(pg_url):
+    """Every request looks its key up: on PostgreSQL that is one SELECT in autocommit, so no transaction is open
+    after it and none has to be rolled back (a ROLLBACK round trip a request), and the connection goes back to
+    the pool in its normal mode for the audit writer."""
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy import event
+
+    store = KeyStore(pg_url)
+    key = store.create("carol", "clinician")
+    states = []
+    event.listen(store.engine, "after_cursor_execute",  # after the SELECT: is a transaction open on the server?
+                 lambda conn, *_: states.append(conn.connection.driver_connection.info.transaction_status))
+    for _ in range(3):
+        assert store.verify(key) == Identity("carol", "clinician")
+    assert states and all(s == TransactionStatus.IDLE for s in states), states
+    raw = store.engine.raw_connection()
+    assert raw.driver_connection.autocommit is False
+    raw.close()
+    store.close()
+
+
 def test_keys_and_audit_share_one_database(db_url):
     log = AuditLog(db_url)
     store = KeyStore(log.engine)
