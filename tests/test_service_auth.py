@@ -86,6 +86,25 @@ def test_postgresql_key_lookup_opens_no_transaction(pg_url):
     store.close()
 
 
+def test_a_burst_of_connections_is_kept_for_the_next_one(db_url):
+    """A loaded server process has more than SQLAlchemy's default 5 key lookups and audit commits in flight: the
+    pool keeps the connections of a burst of 12 open for the next burst instead of closing all but 5 and opening
+    them again (PostgreSQL forks a backend for each new connection)."""
+    from sqlalchemy import event
+
+    store = KeyStore(db_url)
+    key = store.create("dave", "clinician")
+    connects = []
+    event.listen(store.engine, "connect", lambda *_: connects.append(1))
+    for _ in range(3):  # three bursts of 12 connections held at once, as 12 requests in flight hold them
+        held = [store.engine.connect() for _ in range(12)]
+        for conn in held:
+            conn.close()
+        assert store.verify(key) == Identity("dave", "clinician")
+    assert len(connects) <= 12, f"{len(connects)} connections opened for bursts of 12"
+    store.close()
+
+
 def test_keys_and_audit_share_one_database(db_url):
     log = AuditLog(db_url)
     store = KeyStore(log.engine)
