@@ -98,7 +98,9 @@ class WriterLock:
     sqlite3 module cannot install another busy handler. Here a writer polls ``flock`` at 50 us doubling to 1 ms,
     so it starts within ~1 ms of the lock's release. SQLite's own locking stays the authority: the lock file
     only orders medlens's writers, any other writer still meets the busy timeout, and without ``fcntl`` (not
-    POSIX), or when the lock cannot be had within the timeout, the transaction simply goes on to SQLite's lock.
+    POSIX) or ``flock`` the transaction simply goes on to SQLite's lock. A lock held past the timeout fails the
+    transaction as "database is locked", as SQLite's busy timeout does. Not re-entrant (nor is SQLite's write
+    lock across connections): one write transaction at a time per thread.
     A separate file, not the database: on network file systems ``flock`` is emulated with the byte-range locks
     SQLite itself takes on the database file.
     """
