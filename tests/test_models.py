@@ -389,3 +389,21 @@ def test_cpu_predictor_serves_the_inference_form(tiny_run):
     expected = probabilities(predict_logits(reference.eval(), x, intensity=card.intensity), card.temperature)
     got = predictor.predict_images(x)
     assert abs(got - expected[:, card.positive_class]).max() < 1e-5
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_inference_form_of_1d_and_3d_networks_folds_and_keeps_their_layout(dims):
+    """An ECG (1-D) or volume (3-D) network is folded too, keeps its memory format (channels-last is a 2-D
+    layout) and computes the same output."""
+    from medlens.models.base import CHANNELS_LAST, inference_form
+
+    conv, bn = {1: (torch.nn.Conv1d, torch.nn.BatchNorm1d), 3: (torch.nn.Conv3d, torch.nn.BatchNorm3d)}[dims]
+    torch.manual_seed(0)
+    model = _with_running_stats(torch.nn.Sequential(conv(1, 4, 3), bn(4), torch.nn.ReLU(), conv(4, 2, 3)))
+    x = torch.randn(2, 1, *([8] * dims))
+    with torch.no_grad():
+        expected = model(x)
+        served = inference_form(copy.deepcopy(model))
+        got = served(x)
+    assert isinstance(served[1], torch.nn.Identity) and not getattr(served, CHANNELS_LAST, False)
+    assert torch.allclose(got, expected, atol=1e-5)

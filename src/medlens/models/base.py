@@ -48,8 +48,9 @@ CHANNELS_LAST = "_medlens_channels_last"
 def inference_form(model: nn.Module) -> nn.Module:
     """``model`` (in eval mode, in place) as a CPU predictor runs it: each BatchNorm that directly follows a
     convolution in an ``nn.Sequential`` is folded into that convolution's weights and bias (and becomes an
-    ``nn.Identity``, so module names such as a card's ``cam_layer`` still resolve), and the weights are made
-    channels-last, with :data:`CHANNELS_LAST` set so the forward code gives it channels-last input.
+    ``nn.Identity``, so module names such as a card's ``cam_layer`` still resolve), and a 2-D network's weights
+    are made channels-last, with :data:`CHANNELS_LAST` set so the forward code gives it channels-last input
+    (1-D and 3-D networks keep their memory format).
 
     Why: with one thread per model worker, PyTorch's NCHW CPU max-pooling took 42% of the reference CNN's
     forward pass (``max_pool2d_with_indices``), and in channels-last the separate BatchNorm pass is the next cost;
@@ -71,6 +72,7 @@ def inference_form(model: nn.Module) -> nn.Module:
                     and bn.num_features == conv.out_channels):
                 seq._modules[first] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[second] = nn.Identity()
-    model.to(memory_format=torch.channels_last)
-    setattr(model, CHANNELS_LAST, True)
+    if any(p.dim() == 4 for p in model.parameters()) and not any(p.dim() == 5 for p in model.parameters()):
+        model.to(memory_format=torch.channels_last)  # 2-D networks only (3-D weights would need channels_last_3d)
+        setattr(model, CHANNELS_LAST, True)
     return model
