@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from medlens.errors import DataError
-from medlens.models.card import normalize_batch
 from medlens.models.base import CHANNELS_LAST
+from medlens.models.card import normalize_batch
 
 __all__ = [
     "ArrayLike",

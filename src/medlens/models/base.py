@@ -65,7 +65,7 @@ def inference_form(model: nn.Module) -> nn.Module:
     model.eval()
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in zip(names, names[1:], strict=False):
             conv, bn = seq._modules[first], seq._modules[second]
             if (type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
                     and bn.track_running_stats and bn.running_mean is not None

@@ -57,9 +57,11 @@ def create_engine(url: str) -> Engine:
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
+    sqlite_file = (Path(parsed.database).expanduser() if backend == "sqlite" and parsed.database
+                   and parsed.database != ":memory:" and not parsed.database.startswith("file:") else None)
     if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            create_private_file(Path(parsed.database).expanduser())
+        if sqlite_file is not None:
+            create_private_file(sqlite_file)
         kwargs["connect_args"] = {"timeout": 30}
     if backend == "postgresql" or (backend == "sqlite" and parsed.database and parsed.database != ":memory:"):
         # Keep POOL_SIZE connections open. SQLAlchemy's default pool keeps 5 and closes every connection beyond
@@ -79,9 +81,8 @@ def create_engine(url: str) -> Engine:
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
-        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-            _WRITER_LOCKS[engine] = WriterLock(Path(parsed.database).expanduser().with_name(
-                Path(parsed.database).name + WriterLock.SUFFIX))
+        if sqlite_file is not None:
+            _WRITER_LOCKS[engine] = WriterLock(sqlite_file.with_name(sqlite_file.name + WriterLock.SUFFIX))
     _OUR_ENGINES.add(engine)
     return engine
 
@@ -123,10 +124,11 @@ class WriterLock:
         return self._fd
 
     @contextmanager
-    def hold(self, timeout_s: float) -> Iterator[bool]:
-        """Hold the lock for the block (True), or go on without it where it cannot be taken (False). Another
-        medlens writer holding it past ``timeout_s`` raises SQLAlchemy's ``OperationalError`` ("database is
-        locked"), as SQLite's busy timeout would have: the wait stays bounded by the one timeout."""
+    def hold(self, timeout_s: float) -> Iterator[None]:
+        """Hold the lock for the block, or go on without it where it cannot be taken (no ``fcntl``, no
+        ``flock``, no lock file). Another medlens writer holding it past ``timeout_s`` raises SQLAlchemy's
+        ``OperationalError`` ("database is locked"), as SQLite's busy timeout would have: the wait stays bounded
+        by the one timeout."""
         import time
 
         deadline = time.monotonic() + timeout_s
@@ -152,7 +154,7 @@ class WriterLock:
                 except OSError:  # a file system without flock
                     break
             try:
-                yield held
+                yield
             finally:
                 if held:
                     fcntl.flock(fd, fcntl.LOCK_UN)
