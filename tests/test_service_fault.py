@@ -16,6 +16,7 @@ fresh SQLite audit database. A few client threads post real X-rays over loopback
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import os
@@ -287,5 +288,29 @@ def test_kill_9_of_two_server_processes_loses_no_acknowledged_audit_row(run_dir,
         server.wait_ready()
         old = httpx.get(f"{server.url}/v1/predictions/{acked[0]}", headers={"Authorization": f"Bearer {key}"})
         assert old.status_code == 200 and old.json()["id"] == acked[0]
+        _revoked_at_once_by_every_worker(server.url, db_url)
     finally:
         server.close()
+
+
+def _revoked_at_once_by_every_worker(url: str, db_url: str) -> None:
+    """A key that both server processes have verified (on PostgreSQL: cached, medlens.service.keycache) is
+    refused by both as soon as `medlens keys revoke` has committed, not after the cache's MAX_AGE_S."""
+    from medlens.service.auth import KeyStore
+
+    with KeyStore(db_url) as store:
+        doomed = store.create("fault-revoked-soon", "viewer")
+
+    async def burst() -> list[int]:  # 16 connections at once: both processes answer some
+        async with httpx.AsyncClient(base_url=url, timeout=10.0,
+                                     limits=httpx.Limits(max_connections=16, max_keepalive_connections=0)) as http:
+            rs = await asyncio.gather(*[http.get("/v1/models", headers={"X-API-Key": doomed}) for _ in range(16)])
+        return [r.status_code for r in rs]
+
+    for _ in range(3):
+        assert asyncio.run(burst()) == [200] * 16
+    with KeyStore(db_url) as store:
+        assert store.revoke("fault-revoked-soon") is True
+        revoked = time.perf_counter()
+    statuses = asyncio.run(burst())
+    assert statuses == [401] * 16, f"{statuses} {(time.perf_counter() - revoked) * 1000:.0f} ms after the revocation"

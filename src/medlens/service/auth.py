@@ -87,12 +87,21 @@ class KeyStore:
 
     ``target`` is a database URL or an engine from :func:`medlens.service.db.create_engine`; pass the
     :class:`~medlens.service.audit.AuditLog`'s ``engine`` to keep keys and audit trail in one database.
+
+    With ``cache=True`` on PostgreSQL, verified keys are kept in memory and forgotten as soon as the table
+    changes (:class:`~medlens.service.keycache.KeyCache`: LISTEN/NOTIFY); the service uses it, since on PostgreSQL
+    each lookup is a round trip. On SQLite (lookups in-process) it is ignored.
     """
 
-    def __init__(self, target: str | Engine):
+    def __init__(self, target: str | Engine, *, cache: bool = False):
         self.engine, self._owned = engine_for(target)
         self.table = api_keys_table
-        create_tables(self.engine, api_keys_table)
+        create_tables(self.engine, api_keys_table, notify=(api_keys_table.name,))
+        self.cache = None
+        if cache and self.engine.dialect.name == "postgresql":
+            from medlens.service.keycache import KeyCache
+
+            self.cache = KeyCache(self.engine, api_keys_table.name)
 
     def create(self, name: str, role: str) -> str:
         """Create a key and return its plaintext: the only time it is ever available.
@@ -120,6 +129,11 @@ class KeyStore:
         if not isinstance(plaintext, str) or not plaintext.startswith(KEY_PREFIX) or len(plaintext) > _MAX_KEY_CHARS:
             return None
         digest = hash_key(plaintext)
+        cache, generation = self.cache, 0
+        if cache is not None:
+            if (hit := cache.get(digest)) is not None:
+                return hit
+            generation = cache.generation  # read before the lookup: a change during it voids the result
         t = self.table
         with self.engine.connect() as conn:
             if conn.dialect.name == "postgresql":  # one statement: no transaction, so no ROLLBACK round trip
@@ -132,7 +146,10 @@ class KeyStore:
             return None
         if row.revoked is not None or row.role not in ROLES:
             return None
-        return Identity(row.name, row.role)
+        identity = Identity(row.name, row.role)
+        if cache is not None:
+            cache.put(digest, identity, generation)
+        return identity
 
     def revoke(self, name: str) -> bool:
         """Revoke a key: True if it was active, False if it was already revoked; unknown name: ConfigError."""
@@ -163,7 +180,9 @@ class KeyStore:
         return [KeyInfo(*row) for row in rows]
 
     def close(self) -> None:
-        """Release the connections (only those of an engine this object created)."""
+        """Stop the cache's listener, and release the connections (only those of an engine this object created)."""
+        if self.cache is not None:
+            self.cache.close()
         if self._owned:
             self.engine.dispose()
 

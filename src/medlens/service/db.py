@@ -5,7 +5,8 @@ concurrent audit trail: WAL mode, ``synchronous=FULL`` (a commit fsyncs the WAL,
 ``kill -9`` and a power cut), a 30 s busy timeout, and ``BEGIN IMMEDIATE`` for write transactions (see
 :func:`write_transaction`). PostgreSQL commits durably by default (``synchronous_commit=on``).
 
-:func:`create_tables` creates missing tables, indexes and append-only triggers, and adds nullable columns that a
+:func:`create_tables` creates missing tables, indexes, append-only triggers and (PostgreSQL) change-notification
+triggers, and adds nullable columns that a
 newer medlens defines but an existing database lacks (``ALTER TABLE ... ADD COLUMN``, only for a column found
 missing; see :func:`add_missing_columns`), so a database written by an older version keeps working. It never
 drops or changes a column.
@@ -315,7 +316,36 @@ def create_append_only_triggers(conn: Connection, table: str) -> None:
                           hint="use SQLite or PostgreSQL")
 
 
-def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...] = ()) -> None:
+def notify_channel(table: str) -> str:
+    """The PostgreSQL NOTIFY channel on which :func:`create_notify_trigger` announces changes to ``table``."""
+    return f"medlens_{table}_changed"
+
+
+def has_notify_trigger(conn: Connection, table: str) -> bool:
+    """True if ``table`` has the trigger of :func:`create_notify_trigger` (PostgreSQL)."""
+    return conn.execute(sa.text("SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:table)"),
+                        {"name": f"{table}_notify_change", "table": table}).first() is not None
+
+
+def create_notify_trigger(conn: Connection, table: str) -> None:
+    """PostgreSQL: a trigger that sends ``NOTIFY`` on :func:`notify_channel` after any statement that changes
+    ``table`` (INSERT, UPDATE, DELETE, TRUNCATE; by medlens or by hand). Notifications are delivered when the
+    transaction commits, and not at all if it rolls back. Created only if missing (see
+    :func:`create_append_only_triggers`); without it, whoever listens must not cache (see
+    :mod:`medlens.service.keycache`)."""
+    if conn.dialect.name != "postgresql" or has_notify_trigger(conn, table):
+        return
+    if conn.execute(sa.text("SELECT to_regprocedure('medlens_notify_change()')")).scalar() is None:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION medlens_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN PERFORM pg_notify('medlens_' || TG_TABLE_NAME || '_changed', TG_OP); RETURN NULL; END $$"
+        )
+    conn.exec_driver_sql(f"CREATE TRIGGER {table}_notify_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "
+                         f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION medlens_notify_change()")
+
+
+def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...] = (),
+                  notify: tuple[str, ...] = ()) -> None:
     """Create ``tables`` (and their indexes and triggers) if missing, and add the nullable columns an older
     database lacks (:func:`add_missing_columns`); safe to run from many processes at once.
 
@@ -337,6 +367,8 @@ def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...
                     conn.execute(CreateIndex(index, if_not_exists=True))
         for name in append_only:
             create_append_only_triggers(conn, name)
+        for name in notify:
+            create_notify_trigger(conn, name)
 
 
 #: how long an ``ALTER TABLE`` waits for its lock on PostgreSQL before it gives up (it needs an exclusive lock,

@@ -154,7 +154,7 @@ class ServiceState:
         engine = create_engine(self.settings.database_url)
         self.audit = AuditLog(engine, hash_key=self.settings.audit_key)
         self.audit_writer = GroupCommitter(self.audit)
-        self.keys = KeyStore(engine)
+        self.keys = KeyStore(engine, cache=True)  # PostgreSQL: verified keys cached until the table changes
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute)
         self.anonymous = AnonymousTraffic(self.settings, self.audit, self._model_fields)
         self.readiness = ReadinessProbe(engine)
@@ -220,6 +220,8 @@ class ServiceState:
         writer, self.audit_writer = self.audit_writer, None
         if writer is not None:
             writer.close()
+        if self.keys is not None:  # stops its cache's listener (the engine is the audit trail's, disposed below)
+            self.keys.close()
         if self.audit is not None:
             self.audit.engine.dispose()
         while self._restore:

@@ -1,0 +1,152 @@
+"""Verified API keys kept in memory on PostgreSQL, forgotten the moment the ``api_keys`` table changes.
+
+Why. Verifying a key is one indexed SELECT. On SQLite that runs in the server's own process; on PostgreSQL it is a
+network round trip for every request (measured under load with ``--workers 2``: ~0.5 ms of CPU a request between
+the server and PostgreSQL, 5-7% of all the CPU a prediction costs). So on PostgreSQL the service keeps the keys it
+has verified, and PostgreSQL tells it when to forget them: a statement-level trigger on ``api_keys``
+(:func:`medlens.service.db.create_notify_trigger`) sends ``NOTIFY`` when any change commits (``medlens keys
+create`` / ``revoke``, or SQL by hand), and :class:`KeyCache`'s thread, which ``LISTEN``\\ s on its own
+connection, clears the cache when the notification arrives.
+
+What that promises. A revoked key is refused from the moment the notification reaches each server process (on one
+host well under a millisecond after the revoking transaction commits; the same order as the window a lookup
+already had, between its SELECT and the answer). The cache is trusted only while that promise can hold:
+
+- it is used only while the listener is connected and ``LISTEN``\\ ing and the trigger exists (a database whose
+  owner did not let medlens create it gets no cache: every request looks its key up, as before);
+- when the listener's connection is lost, the cache is emptied and bypassed until it has reconnected;
+- a key is stored only if no change arrived while it was being looked up (a generation counter), so a lookup that
+  raced a revocation cannot put the revoked key back;
+- an entry is used for at most :data:`MAX_AGE_S` seconds whatever happens: the bound if notifications were ever
+  lost without the connection failing;
+- only valid keys are stored (never an unknown one: a flood of random keys cannot fill memory), at most
+  :data:`MAX_ENTRIES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from medlens.service.db import has_notify_trigger, notify_channel
+
+log = logging.getLogger(__name__)
+
+MAX_AGE_S = 5.0  # an entry is looked up again after this long, notification or not
+MAX_ENTRIES = 4096
+HEARTBEAT_S = 1.0  # how often the listener wakes to see whether it should stop
+RECONNECT_S = (0.5, 10.0)  # the listener's wait before reconnecting: first, and at most (doubling)
+
+
+class KeyCache:
+    """Verified keys (digest -> identity) of one process, kept honest by a ``LISTEN`` thread (PostgreSQL).
+
+    :meth:`get` answers a cached identity or None (then look the key up); :meth:`put` stores a lookup's result,
+    given the :attr:`generation` read before the lookup began. :meth:`close` stops the thread.
+    """
+
+    def __init__(self, engine: Engine, table: str = "api_keys", *, max_age_s: float = MAX_AGE_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.engine = engine
+        self.table = table
+        self.channel = notify_channel(table)
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[Any, float]] = {}
+        self._generation = 0
+        self._active = False  # listening, trigger present: the cache may be used
+        self._stop = threading.Event()
+        self._connected = threading.Event()  # for tests and start-up: set while the listener is active
+        self._thread = threading.Thread(target=self._listen, name="medlens-key-listener", daemon=True)
+        self._thread.start()
+
+    # -- used by KeyStore.verify (any thread)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def get(self, digest: str) -> Any | None:
+        if not self._active:
+            return None
+        hit = self._entries.get(digest)
+        if hit is None or self._clock() - hit[1] > self.max_age_s:
+            return None
+        return hit[0]
+
+    def put(self, digest: str, identity: Any, generation: int) -> None:
+        with self._lock:
+            if not self._active or generation != self._generation:  # a change arrived during the lookup
+                return
+            if len(self._entries) >= MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[digest] = (identity, self._clock())
+
+    def wait_active(self, timeout: float) -> bool:
+        """Wait until the listener is active (True) or ``timeout`` seconds pass (False)."""
+        return self._connected.wait(timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_S + 5)
+
+    # -- the listener thread
+
+    def _reset(self, active: bool) -> None:
+        """Forget every entry; from now on the cache is used (``active``) or bypassed."""
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+            self._active = active
+        (self._connected.set if active else self._connected.clear)()
+
+    def _listen(self) -> None:
+        delay = RECONNECT_S[0]
+        warned = False
+        while not self._stop.is_set():
+            conn = None
+            try:
+                raw = self.engine.raw_connection()
+                conn = raw.driver_connection  # psycopg's connection (the engine's settings and credentials)
+                raw.detach()  # ours for as long as we listen, not the pool's
+                conn.autocommit = True
+                conn.execute(f"LISTEN {self.channel}")
+                with self.engine.connect() as check:
+                    trigger = has_notify_trigger(check, self.table)
+                if not trigger:
+                    if not warned:
+                        log.info("API keys are looked up on every request: the table %s has no change trigger "
+                                 "(the database owner creates it when medlens starts with the owner's role)",
+                                 self.table)
+                        warned = True
+                    self._stop.wait(60.0)  # look again later (the owner may create it)
+                    continue
+                self._reset(True)
+                delay = RECONNECT_S[0]
+                while not self._stop.is_set():
+                    if any(True for _ in conn.notifies(timeout=HEARTBEAT_S, stop_after=1)):
+                        self._reset(True)
+            except Exception as exc:  # noqa: BLE001 - any failure: bypass the cache, reconnect later
+                self._reset(False)
+                if not self._stop.is_set():
+                    log.warning("API key cache off (lookups go to the database) until the change listener "
+                                "reconnects: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, RECONNECT_S[1])
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001 - closing a broken connection
+                        pass
+        self._reset(False)

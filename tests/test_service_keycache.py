@@ -1,0 +1,149 @@
+"""The PostgreSQL key cache (medlens.service.keycache), on a real server: a verified key is looked up once, and
+forgotten as soon as the api_keys table changes in any way (revocation by medlens or by hand, another process),
+when the listener's connection is lost, when a change races the lookup, and after MAX_AGE_S in any case."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from medlens.service.auth import Identity, KeyStore
+from medlens.service.keycache import KeyCache
+
+pytest_plugins = ["service_pg"]  # fixtures pg_url, pg_server: one PostgreSQL server per session
+
+ACTIVE_TIMEOUT_S = 10.0
+
+
+def _count_lookups(store: KeyStore) -> list[str]:
+    """The key lookups ``store`` sends to the database from now on (one list item each)."""
+    seen: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_: seen.append(statement) if "FROM api_keys" in statement else None)
+    return seen
+
+
+def _until(predicate, timeout: float = 2.0) -> float:
+    """Seconds until ``predicate()`` holds (polled every millisecond); fails after ``timeout``."""
+    start = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - start < timeout, f"not within {timeout} s"
+        time.sleep(0.001)
+    return time.perf_counter() - start
+
+
+def _create(cached: KeyStore, other: KeyStore, name: str) -> str:
+    """A key made by the other store, once the cache has heard of it (the INSERT's notification arrives a moment
+    after the commit and empties the cache: a test must not count that as a miss of its own)."""
+    before = cached.cache.generation
+    key = other.create(name, "clinician")
+    _until(lambda: cached.cache.generation != before)
+    return key
+
+
+@pytest.fixture
+def stores(pg_url):
+    """(the service's store, with the cache; another process's store, as `medlens keys` uses)."""
+    other = KeyStore(pg_url)
+    cached = KeyStore(pg_url, cache=True)
+    assert cached.cache is not None and cached.cache.wait_active(ACTIVE_TIMEOUT_S), "the listener did not start"
+    yield cached, other
+    cached.close()
+    other.close()
+
+
+def test_a_verified_key_is_looked_up_once(stores):
+    cached, other = stores
+    key = _create(cached, other, "kc-once")
+    lookups = _count_lookups(cached)
+    for _ in range(5):
+        assert cached.verify(key) == Identity("kc-once", "clinician")
+    assert len(lookups) == 1
+    for _ in range(3):  # unknown keys are never cached (a flood of random keys cannot fill memory)
+        assert cached.verify("mlk_not-a-key") is None
+    assert len(lookups) == 4
+
+
+@pytest.mark.parametrize("how", ["revoke", "sql-update", "sql-delete"])
+def test_a_change_by_anyone_is_seen_at_once(stores, how):
+    """Revoked by `medlens keys revoke` in another process, or by hand in SQL: refused within milliseconds (the
+    notification), not after the cache's MAX_AGE_S."""
+    cached, other = stores
+    key = _create(cached, other, f"kc-{how}")
+    assert cached.verify(key) is not None and cached.verify(key) is not None  # cached now
+    if how == "revoke":
+        assert other.revoke(f"kc-{how}") is True
+    else:
+        with other.engine.begin() as conn:
+            sql = "UPDATE api_keys SET revoked = 'now'" if how == "sql-update" else "DELETE FROM api_keys"
+            conn.exec_driver_sql(f"{sql} WHERE name = 'kc-{how}'")
+    took = _until(lambda: cached.verify(key) is None, timeout=1.0)
+    print(f"{how}: refused {took * 1000:.1f} ms after the commit")
+    assert cached.verify(key) is None
+
+
+def test_a_lost_listener_turns_the_cache_off_until_it_is_back(stores):
+    cached, other = stores
+    key = _create(cached, other, "kc-lost")
+    assert cached.verify(key) is not None
+    with other.engine.connect() as conn:  # the database drops the listener's connection
+        killed = conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                      "WHERE datname = current_database() AND query LIKE 'LISTEN %'")).all()
+    assert killed == [(True,)]
+    _until(lambda: not cached.cache.active)
+    lookups = _count_lookups(cached)
+    other.revoke("kc-lost")  # while nobody listens: must not be missed
+    assert cached.verify(key) is None
+    fresh = other.create("kc-back", "clinician")  # no listener: no notification
+    assert cached.cache.wait_active(ACTIVE_TIMEOUT_S), "the listener did not reconnect"
+    assert cached.verify(key) is None
+    for _ in range(3):
+        assert cached.verify(fresh) == Identity("kc-back", "clinician")
+    assert len(lookups) == 3, lookups  # the revoked key (twice: never cached), the new key once
+
+
+def test_a_revocation_during_the_lookup_is_not_cached(stores):
+    """The lookup read the key while it was valid; the revocation commits (and its notification arrives) before
+    the result is stored: this request may pass (it was checked before the revocation), the next must not."""
+    cached, other = stores
+    key = _create(cached, other, "kc-race")
+    generation = cached.cache.generation
+    raced = []
+
+    def revoke_during_lookup(*_):
+        if not raced:
+            raced.append(other.revoke("kc-race"))
+            _until(lambda: cached.cache.generation != generation)  # the notification has arrived
+
+    sa.event.listen(cached.engine, "after_cursor_execute", revoke_during_lookup)
+    assert cached.verify(key) == Identity("kc-race", "clinician") and raced == [True]
+    assert cached.verify(key) is None
+
+
+def test_entries_expire_and_need_the_trigger(pg_url):
+    now = [0.0]
+    store = KeyStore(pg_url)
+    key = store.create("kc-age", "clinician")
+    cache = KeyCache(store.engine, clock=lambda: now[0])
+    try:
+        assert cache.wait_active(ACTIVE_TIMEOUT_S)
+        cache.put("digest", Identity("kc-age", "clinician"), cache.generation)
+        now[0] += cache.max_age_s - 0.1
+        assert cache.get("digest") == Identity("kc-age", "clinician")
+        now[0] += 0.2
+        assert cache.get("digest") is None  # older than MAX_AGE_S: looked up again, notification or not
+    finally:
+        cache.close()
+    with store.engine.begin() as conn:  # a database without the trigger (its owner did not let medlens make it)
+        conn.exec_driver_sql("DROP TRIGGER api_keys_notify_change ON api_keys")
+    cache = KeyCache(store.engine)
+    try:
+        assert not cache.wait_active(1.0), "cached with nothing to say when the table changes"
+        cache.put("digest", Identity("kc-age", "clinician"), cache.generation)
+        assert cache.get("digest") is None
+    finally:
+        cache.close()
+    assert store.verify(key) is not None  # without the cache: looked up
+    store.close()
