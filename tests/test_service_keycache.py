@@ -58,8 +58,10 @@ def test_a_verified_key_is_looked_up_once(stores):
     cached, other = stores
     key = _create(cached, other, "kc-once")
     lookups = _count_lookups(cached)
+    assert cached.cached(key) is None  # not verified yet: the request's dependency calls verify (on a thread)
     for _ in range(5):
         assert cached.verify(key) == Identity("kc-once", "clinician")
+    assert cached.cached(key) == Identity("kc-once", "clinician")  # answered on the event loop, no lookup
     assert len(lookups) == 1
     for _ in range(3):  # unknown keys are never cached (a flood of random keys cannot fill memory)
         assert cached.verify("mlk_not-a-key") is None
@@ -79,7 +81,7 @@ def test_a_change_by_anyone_is_seen_at_once(stores, how):
         with other.engine.begin() as conn:
             sql = "UPDATE api_keys SET revoked = 'now'" if how == "sql-update" else "DELETE FROM api_keys"
             conn.exec_driver_sql(f"{sql} WHERE name = 'kc-{how}'")
-    took = _until(lambda: cached.verify(key) is None, timeout=1.0)
+    took = _until(lambda: cached.cached(key) is None and cached.verify(key) is None, timeout=1.0)
     print(f"{how}: refused {took * 1000:.1f} ms after the commit")
     assert cached.verify(key) is None
 
@@ -93,6 +95,7 @@ def test_a_lost_listener_turns_the_cache_off_until_it_is_back(stores):
                                       "WHERE datname = current_database() AND query LIKE 'LISTEN %'")).all()
     assert killed == [(True,)]
     _until(lambda: not cached.cache.active)
+    assert cached.cached(key) is None  # nobody listens: nothing is answered from memory
     lookups = _count_lookups(cached)
     other.revoke("kc-lost")  # while nobody listens: must not be missed
     assert cached.verify(key) is None
@@ -146,4 +149,12 @@ def test_entries_expire_and_need_the_trigger(pg_url):
     finally:
         cache.close()
     assert store.verify(key) is not None  # without the cache: looked up
+    store.close()
+
+
+def test_sqlite_has_no_cache(tmp_path):
+    """SQLite looks keys up in-process (no round trip): no cache, nothing answered from memory."""
+    store = KeyStore(f"sqlite:///{tmp_path / 'audit.db'}", cache=True)
+    key = store.create("kc-sqlite", "clinician")
+    assert store.cache is None and store.verify(key) is not None and store.cached(key) is None
     store.close()

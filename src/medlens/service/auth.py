@@ -61,6 +61,10 @@ api_keys_table = sa.Table(
 )
 
 
+def _looks_like_key(plaintext: object) -> bool:
+    return isinstance(plaintext, str) and plaintext.startswith(KEY_PREFIX) and len(plaintext) <= _MAX_KEY_CHARS
+
+
 class Identity(NamedTuple):
     """Who a verified key belongs to: ``(name, role)``."""
 
@@ -124,9 +128,16 @@ class KeyStore:
                                    "them): pick another name") from exc
         return plaintext
 
+    def cached(self, plaintext: str | None) -> Identity | None:
+        """The identity of a key verified moments ago (the cache, no I/O: safe on an event loop); None means
+        "call :meth:`verify`", not "invalid"."""
+        if self.cache is None or not _looks_like_key(plaintext):
+            return None
+        return self.cache.get(hash_key(plaintext))
+
     def verify(self, plaintext: str | None) -> Identity | None:
         """``(name, role)`` for a valid, unrevoked key; None for anything else."""
-        if not isinstance(plaintext, str) or not plaintext.startswith(KEY_PREFIX) or len(plaintext) > _MAX_KEY_CHARS:
+        if not _looks_like_key(plaintext):
             return None
         digest = hash_key(plaintext)
         cache, generation = self.cache, 0

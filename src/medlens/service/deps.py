@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated
 
+import anyio
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -28,8 +29,9 @@ def require(role: str) -> Callable[..., Identity]:
     """A dependency: the caller's :class:`Identity` if its key is valid, has ``role``'s rights and is within
     its rate limit; 401 / 403 / 429 otherwise."""
 
-    def dependency(request: Request, bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-                   api_key: Annotated[str | None, Security(_api_key)]) -> Identity:
+    async def dependency(request: Request,
+                         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+                         api_key: Annotated[str | None, Security(_api_key)]) -> Identity:
         state: ServiceState = request.app.state.service
         ctx = request_context(request)
         key = (bearer.credentials if bearer is not None else None) or api_key
@@ -41,7 +43,8 @@ def require(role: str) -> Callable[..., Identity]:
                            headers={"WWW-Authenticate": "Bearer"})
         if state.keys is None:
             raise ApiError(503, "the service is starting; try again shortly")
-        identity = state.keys.verify(key)
+        # a key verified moments ago answers from memory (PostgreSQL's key cache); else the lookup, on a thread
+        identity = state.keys.cached(key) or await anyio.to_thread.run_sync(state.keys.verify, key)
         if identity is None:
             raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         ctx.user, ctx.role = identity.name, identity.role

@@ -77,8 +77,7 @@ class KeyCache:
         return self._generation
 
     def get(self, digest: str) -> Any | None:
-        if not self._active:
-            return None
+        # nothing to check for "active": going inactive empties the cache, and put stores nothing while inactive
         hit = self._entries.get(digest)
         if hit is None or self._clock() - hit[1] > self.max_age_s:
             return None
