@@ -4,6 +4,7 @@ when the listener's connection is lost, when a change races the lookup, and afte
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
@@ -58,10 +59,10 @@ def test_a_verified_key_is_looked_up_once(stores):
     cached, other = stores
     key = _create(cached, other, "kc-once")
     lookups = _count_lookups(cached)
-    assert cached.cached(key) is None  # not verified yet: the request's dependency calls verify (on a thread)
+    assert cached.quick(key) == (False, None)  # not verified yet: the request's dependency calls verify
     for _ in range(5):
         assert cached.verify(key) == Identity("kc-once", "clinician")
-    assert cached.cached(key) == Identity("kc-once", "clinician")  # answered on the event loop, no lookup
+    assert cached.quick(key) == (True, Identity("kc-once", "clinician"))  # on the event loop, no lookup
     assert len(lookups) == 1
     for _ in range(3):  # unknown keys are never cached (a flood of random keys cannot fill memory)
         assert cached.verify("mlk_not-a-key") is None
@@ -81,7 +82,7 @@ def test_a_change_by_anyone_is_seen_at_once(stores, how):
         with other.engine.begin() as conn:
             sql = "UPDATE api_keys SET revoked = 'now'" if how == "sql-update" else "DELETE FROM api_keys"
             conn.exec_driver_sql(f"{sql} WHERE name = 'kc-{how}'")
-    took = _until(lambda: cached.cached(key) is None and cached.verify(key) is None, timeout=1.0)
+    took = _until(lambda: not cached.quick(key)[0] and cached.verify(key) is None, timeout=1.0)
     print(f"{how}: refused {took * 1000:.1f} ms after the commit")
     assert cached.verify(key) is None
 
@@ -95,7 +96,7 @@ def test_a_lost_listener_turns_the_cache_off_until_it_is_back(stores):
                                       "WHERE datname = current_database() AND query LIKE 'LISTEN %'")).all()
     assert killed == [(True,)]
     _until(lambda: not cached.cache.active)
-    assert cached.cached(key) is None  # nobody listens: nothing is answered from memory
+    assert cached.quick(key) == (False, None)  # nobody listens: nothing is answered from memory
     lookups = _count_lookups(cached)
     other.revoke("kc-lost")  # while nobody listens: must not be missed
     assert cached.verify(key) is None
@@ -152,9 +153,57 @@ def test_entries_expire_and_need_the_trigger(pg_url):
     store.close()
 
 
-def test_sqlite_has_no_cache(tmp_path):
-    """SQLite looks keys up in-process (no round trip): no cache, nothing answered from memory."""
-    store = KeyStore(f"sqlite:///{tmp_path / 'audit.db'}", cache=True)
-    key = store.create("kc-sqlite", "clinician")
-    assert store.cache is None and store.verify(key) is not None and store.cached(key) is None
+
+
+# --------------------------------------------------------------------------------------------- SQLite
+
+
+def test_sqlite_answers_on_the_calling_thread_and_sees_a_revocation_at_once(tmp_path):
+    """SQLite: quick() is one read on the caller's own connection (no SQLAlchemy statement, no thread), of the
+    latest commit: a key revoked by another process is refused by the next call, nothing is cached."""
+    db = tmp_path / "audit.db"
+    store, other = KeyStore(f"sqlite:///{db}", cache=True), KeyStore(f"sqlite:///{db}")
+    key = other.create("kc-sqlite", "clinician")
+    lookups = _count_lookups(store)
+    assert store.quick(key) == (True, Identity("kc-sqlite", "clinician"))
+    assert store.quick("mlk_not-a-key") == (True, None) and store.quick("not ours") == (True, None)
+    other.revoke("kc-sqlite")
+    assert store.quick(key) == (True, None)
+    assert lookups == []  # none through SQLAlchemy's engine
+    other.create("kc-sqlite-2", "clinician")
+    with sqlite3.connect(db) as conn:  # no read stays open after a lookup: a checkpoint can empty the WAL
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert (db.parent / "audit.db-wal").stat().st_size == 0
+    store.close()
+    other.close()
+
+
+def test_sqlite_that_cannot_answer_at_once_falls_back_to_verify(tmp_path):
+    """A locked database answers BUSY at once (the event loop never waits on SQLite's busy handler), and any
+    error of the reader sends the caller to verify() on a worker thread."""
+    from medlens.service.keycache import SqliteKeyReader
+
+    locked = tmp_path / "locked.db"  # a rollback-journal database held exclusively: no reader gets in
+    with sqlite3.connect(locked) as conn:
+        conn.execute("CREATE TABLE api_keys (name TEXT, role TEXT, key_hash TEXT, revoked TEXT)")
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    reader = SqliteKeyReader(locked)
+    started = time.perf_counter()
+    assert reader.row("0" * 64) is SqliteKeyReader.BUSY
+    assert time.perf_counter() - started < 0.5
+    holder.execute("ROLLBACK")
+    assert reader.row("0" * 64) is None  # unlocked: no such key
+    reader.close()
+    holder.close()
+
+    db = tmp_path / "audit.db"
+    store = KeyStore(f"sqlite:///{db}", cache=True)
+    key = store.create("kc-busy", "clinician")
+    assert store.quick(key) == (True, Identity("kc-busy", "clinician"))
+    store.reader.uri = (tmp_path / "missing.db").as_uri() + "?mode=ro"  # a reader that cannot open its database
+    store.reader._local.conn = None
+    assert store.quick(key) == (False, None)
+    assert store.verify(key) == Identity("kc-busy", "clinician")
+    assert KeyStore(f"sqlite:///{tmp_path / 'other.db'}").reader is None  # without cache=True: no reader
     store.close()

@@ -22,14 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from medlens.errors import ConfigError
-from medlens.service.db import ROW_ID, create_tables, engine_for, utc_iso, write_transaction
+from medlens.service.db import ROW_ID, create_tables, engine_for, sqlite_file, utc_iso, write_transaction
 
 ROLES: tuple[str, ...] = ("viewer", "clinician", "admin")  # in increasing order of rights
 KEY_PREFIX = "mlk_"
@@ -63,6 +63,18 @@ api_keys_table = sa.Table(
 
 def _looks_like_key(plaintext: object) -> bool:
     return isinstance(plaintext, str) and plaintext.startswith(KEY_PREFIX) and len(plaintext) <= _MAX_KEY_CHARS
+
+
+def _identity(row: Any, digest: str) -> Identity | None:
+    """The identity of a looked-up row ``(name, role, key_hash, revoked)``, or None (no row, revoked, bad role)."""
+    # The indexed lookup can at most leak timing about the digest, which does not help forge a key (that would
+    # need a SHA-256 preimage); the constant-time comparison is the check that decides.
+    if row is None or not hmac.compare_digest(row[2], digest):
+        return None
+    name, role, _, revoked = row
+    if revoked is not None or role not in ROLES:
+        return None
+    return Identity(name, role)
 
 
 class Identity(NamedTuple):
@@ -101,11 +113,16 @@ class KeyStore:
         self.engine, self._owned = engine_for(target)
         self.table = api_keys_table
         create_tables(self.engine, api_keys_table, notify=(api_keys_table.name,))
-        self.cache = None
+        self.cache: Any = None
+        self.reader: Any = None
         if cache and self.engine.dialect.name == "postgresql":
             from medlens.service.keycache import KeyCache
 
             self.cache = KeyCache(self.engine, api_keys_table.name)
+        elif cache and (path := sqlite_file(self.engine.url)) is not None:
+            from medlens.service.keycache import SqliteKeyReader
+
+            self.reader = SqliteKeyReader(path)
 
     def create(self, name: str, role: str) -> str:
         """Create a key and return its plaintext: the only time it is ever available.
@@ -128,12 +145,21 @@ class KeyStore:
                                    "them): pick another name") from exc
         return plaintext
 
-    def cached(self, plaintext: str | None) -> Identity | None:
-        """The identity of a key verified moments ago (the cache, no I/O: safe on an event loop); None means
-        "call :meth:`verify`", not "invalid"."""
-        if self.cache is None or not _looks_like_key(plaintext):
-            return None
-        return self.cache.get(hash_key(plaintext))
+    def quick(self, plaintext: str | None) -> tuple[bool, Identity | None]:
+        """``(True, identity or None)`` when the key can be answered without waiting (safe on an event loop):
+        PostgreSQL's cache holds it, or SQLite's reader looked it up at once; ``(False, None)``: call
+        :meth:`verify` (on a worker thread)."""
+        if not _looks_like_key(plaintext):
+            return True, None
+        digest = hash_key(plaintext)
+        if self.cache is not None:
+            hit = self.cache.get(digest)
+            return hit is not None, hit
+        if self.reader is not None:
+            row = self.reader.row(digest)
+            if row is not self.reader.BUSY:
+                return True, _identity(row, digest)
+        return False, None
 
     def verify(self, plaintext: str | None) -> Identity | None:
         """``(name, role)`` for a valid, unrevoked key; None for anything else."""
@@ -151,14 +177,8 @@ class KeyStore:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # when the pool takes it back
             row = conn.execute(sa.select(t.c.name, t.c.role, t.c.key_hash, t.c.revoked)
                                .where(t.c.key_hash == digest)).first()
-        # The indexed lookup can at most leak timing about the digest, which does not help forge a key (that
-        # would need a SHA-256 preimage); the constant-time comparison is the check that decides.
-        if row is None or not hmac.compare_digest(row.key_hash, digest):
-            return None
-        if row.revoked is not None or row.role not in ROLES:
-            return None
-        identity = Identity(row.name, row.role)
-        if cache is not None:
+        identity = _identity(row, digest)
+        if cache is not None and identity is not None:
             cache.put(digest, identity, generation)
         return identity
 
@@ -192,8 +212,9 @@ class KeyStore:
 
     def close(self) -> None:
         """Stop the cache's listener, and release the connections (only those of an engine this object created)."""
-        if self.cache is not None:
-            self.cache.close()
+        for helper in (self.cache, self.reader):
+            if helper is not None:
+                helper.close()
         if self._owned:
             self.engine.dispose()
 

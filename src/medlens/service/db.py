@@ -58,11 +58,10 @@ def create_engine(url: str) -> Engine:
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
     kwargs: dict[str, Any] = {}
-    sqlite_file = (Path(parsed.database).expanduser() if backend == "sqlite" and parsed.database
-                   and parsed.database != ":memory:" and not parsed.database.startswith("file:") else None)
+    db_file = sqlite_file(parsed)
     if backend == "sqlite":
-        if sqlite_file is not None:
-            create_private_file(sqlite_file)
+        if db_file is not None:
+            create_private_file(db_file)
         kwargs["connect_args"] = {"timeout": 30}
     if backend == "postgresql" or (backend == "sqlite" and parsed.database and parsed.database != ":memory:"):
         # Keep POOL_SIZE connections open. SQLAlchemy's default pool keeps 5 and closes every connection beyond
@@ -82,10 +81,18 @@ def create_engine(url: str) -> Engine:
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
-        if sqlite_file is not None:
-            _WRITER_LOCKS[engine] = WriterLock(sqlite_file.with_name(sqlite_file.name + WriterLock.SUFFIX))
+        if db_file is not None:
+            _WRITER_LOCKS[engine] = WriterLock(db_file.with_name(db_file.name + WriterLock.SUFFIX))
     _OUR_ENGINES.add(engine)
     return engine
+
+
+def sqlite_file(url: sa.engine.URL) -> Path | None:
+    """The file of a SQLite database URL; None for other databases, in-memory and ``file:`` URI databases."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
 
 
 class WriterLock:

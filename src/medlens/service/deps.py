@@ -43,8 +43,11 @@ def require(role: str) -> Callable[..., Identity]:
                            headers={"WWW-Authenticate": "Bearer"})
         if state.keys is None:
             raise ApiError(503, "the service is starting; try again shortly")
-        # a key verified moments ago answers from memory (PostgreSQL's key cache); else the lookup, on a thread
-        identity = state.keys.cached(key) or await anyio.to_thread.run_sync(state.keys.verify, key)
+        # answered at once where it can be (PostgreSQL's key cache, SQLite's read that never waits: .keycache);
+        # else looked up on a worker thread
+        answered, identity = state.keys.quick(key)
+        if not answered:
+            identity = await anyio.to_thread.run_sync(state.keys.verify, key)
         if identity is None:
             raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         ctx.user, ctx.role = identity.name, identity.role
