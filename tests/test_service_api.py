@@ -277,12 +277,14 @@ def test_access_control(client, state, keys, kermany):
 
 
 def test_rate_limit_and_no_batching(run_dir, service_settings, keys, kermany):
-    """A second app on the same database: 2 requests a minute per key, and one forward pass per request."""
-    limited = dataclasses.replace(service_settings, rate_limit_per_minute=2)
+    """A second app on the same database: 2 requests a minute per key, one forward pass per request, and a
+    connection pool of the configured size."""
+    limited = dataclasses.replace(service_settings, rate_limit_per_minute=2, db_pool_size=3)
     app = create_app(run_dir, limited, batching=False)
     data = _cxr(kermany).read_bytes()
     with TestClient(app) as c:
         st = app.state.service
+        assert st.audit.engine.pool.size() == 3
         assert c.post("/v1/predictions", files={"file": ("x.jpeg", data)}, headers=_auth(keys["clinician"])
                       ).status_code == 200
         assert st.runner.stats.batches == 1 and type(st.runner).__name__ == "DirectRunner"

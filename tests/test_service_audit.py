@@ -671,9 +671,10 @@ def test_settings_file_and_env_override(tmp_path, suffix):
         file.write_text('max_upload_bytes = 1000\ncors_origins = ["https://pacs.example.org"]\n'
                         'database_url = "data/audit.db"\nbatch_max_wait_ms = 2.5\n')
     env = {"MEDLENS_SETTINGS": str(file), "MEDLENS_MAX_UPLOAD_BYTES": "2000", "MEDLENS_MAX_IMAGE_PIXELS": "1e6",
-           "MEDLENS_AUDIT_KEY": "k" * 20, "MEDLENS_REQUEST_TIMEOUT_S": "7.5"}
+           "MEDLENS_AUDIT_KEY": "k" * 20, "MEDLENS_REQUEST_TIMEOUT_S": "7.5", "MEDLENS_DB_POOL_SIZE": "4"}
     s = ServiceSettings.load(tmp_path / "run", env=env)
     assert s.max_upload_bytes == 2000 and s.max_image_pixels == 1_000_000 and s.request_timeout_s == 7.5
+    assert s.db_pool_size == 4
     assert s.cors_origins == ("https://pacs.example.org",) and s.batch_max_wait_ms == 2.5
     assert s.database_url == f"sqlite:///{(tmp_path / 'data' / 'audit.db').resolve()}"  # relative to the file
     assert s.audit_key == b"k" * 20 and s.audit_key_file is None
@@ -689,6 +690,8 @@ def test_settings_errors_name_the_file_or_variable(tmp_path):
         ServiceSettings.load(tmp_path, env={"MEDLENS_SETTINGS": str(file)})
     with pytest.raises(ConfigError, match="MEDLENS_RATE_LIMIT_PER_MINUTE"):
         ServiceSettings.load(tmp_path, env={"MEDLENS_RATE_LIMIT_PER_MINUTE": "lots"})
+    with pytest.raises(ConfigError, match="MEDLENS_DB_POOL_SIZE"):
+        ServiceSettings.load(tmp_path, env={"MEDLENS_DB_POOL_SIZE": "0"})
     with pytest.raises(ConfigError, match="MEDLENS_CORS_ORIGINS"):
         ServiceSettings.load(tmp_path, env={"MEDLENS_CORS_ORIGINS": "pacs.example.org"})
     with pytest.raises(ConfigError, match="too short"):

@@ -42,7 +42,7 @@ BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a connection waits for a lock held 
 POOL_SIZE = 16
 
 
-def create_engine(url: str) -> Engine:
+def create_engine(url: str, *, pool_size: int = POOL_SIZE) -> Engine:
     """A SQLAlchemy engine for a database URL, set up for the audit trail.
 
     ``postgresql://`` / ``postgres://`` URLs use psycopg 3. SQLite files get WAL + ``synchronous=FULL`` + a
@@ -64,11 +64,11 @@ def create_engine(url: str) -> Engine:
             create_private_file(db_file)
         kwargs["connect_args"] = {"timeout": 30}
     if backend == "postgresql" or (backend == "sqlite" and parsed.database and parsed.database != ":memory:"):
-        # Keep POOL_SIZE connections open. SQLAlchemy's default pool keeps 5 and closes every connection beyond
+        # Keep pool_size connections open (the service: the db_pool_size setting). SQLAlchemy's default pool keeps 5 and closes every connection beyond
         # them as soon as it is returned; a server process under load has more than 5 key lookups and audit
         # commits in flight, so it opened and closed connections over and over (PostgreSQL forks a backend for
         # each new one; SQLite runs its PRAGMAs again). Test: bursts of 12 open 25 connections with the default.
-        kwargs.update(pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size)
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (ImportError, sa.exc.NoSuchModuleError) as exc:  # psycopg missing, or an unknown dialect

@@ -59,6 +59,9 @@ class ServiceSettings:
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are listed
     batch_max_size: int = 16  # micro-batching: most images per model call
     batch_max_wait_ms: float = 5.0  # micro-batching: longest wait for a batch to fill
+    # database connections a server process keeps open (as many again for a burst): with PostgreSQL, N processes
+    # (--workers N) open up to N x 2 x this, which must stay under the server's max_connections (default 100)
+    db_pool_size: int = 16
     # clients without a valid API key, per IP address (medlens.service.limits): a token bucket (0 turns it off)
     anonymous_rate_per_minute: int = 60
     anonymous_burst: int = 30
@@ -212,6 +215,7 @@ PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "cors_origins": _origins,
     "batch_max_size": _int(1),
     "batch_max_wait_ms": _float(0.0, strict=False),
+    "db_pool_size": _int(1),
     "anonymous_rate_per_minute": _int(0),
     "anonymous_burst": _int(1),
     "anonymous_audit_sample": _int(0),

@@ -151,7 +151,7 @@ class ServiceState:
         self.predictor = Predictor.from_run(self.run_dir, device=self.device, backend=self.backend)
         card = self.predictor.card
         self.methods = available_methods(self.predictor.model)
-        engine = create_engine(self.settings.database_url)
+        engine = create_engine(self.settings.database_url, pool_size=self.settings.db_pool_size)
         self.audit = AuditLog(engine, hash_key=self.settings.audit_key)
         self.audit_writer = GroupCommitter(self.audit)
         self.keys = KeyStore(engine, cache=True)  # PostgreSQL: verified keys cached until the table changes
