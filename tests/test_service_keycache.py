@@ -48,7 +48,7 @@ def _create(cached: KeyStore, other: KeyStore, name: str) -> str:
 def stores(pg_url):
     """(the service's store, with the cache; another process's store, as `medlens keys` uses)."""
     other = KeyStore(pg_url)
-    cached = KeyStore(pg_url, cache=True)
+    cached = KeyStore(pg_url, quick=True)
     assert cached.cache is not None and cached.cache.wait_active(ACTIVE_TIMEOUT_S), "the listener did not start"
     yield cached, other
     cached.close()
@@ -162,7 +162,7 @@ def test_sqlite_answers_on_the_calling_thread_and_sees_a_revocation_at_once(tmp_
     """SQLite: quick() is one read on the caller's own connection (no SQLAlchemy statement, no thread), of the
     latest commit: a key revoked by another process is refused by the next call, nothing is cached."""
     db = tmp_path / "audit.db"
-    store, other = KeyStore(f"sqlite:///{db}", cache=True), KeyStore(f"sqlite:///{db}")
+    store, other = KeyStore(f"sqlite:///{db}", quick=True), KeyStore(f"sqlite:///{db}")
     key = other.create("kc-sqlite", "clinician")
     lookups = _count_lookups(store)
     assert store.quick(key) == (True, Identity("kc-sqlite", "clinician"))
@@ -198,12 +198,12 @@ def test_sqlite_that_cannot_answer_at_once_falls_back_to_verify(tmp_path):
     holder.close()
 
     db = tmp_path / "audit.db"
-    store = KeyStore(f"sqlite:///{db}", cache=True)
+    store = KeyStore(f"sqlite:///{db}", quick=True)
     key = store.create("kc-busy", "clinician")
     assert store.quick(key) == (True, Identity("kc-busy", "clinician"))
     store.reader.uri = (tmp_path / "missing.db").as_uri() + "?mode=ro"  # a reader that cannot open its database
     store.reader._local.conn = None
     assert store.quick(key) == (False, None)
     assert store.verify(key) == Identity("kc-busy", "clinician")
-    assert KeyStore(f"sqlite:///{tmp_path / 'other.db'}").reader is None  # without cache=True: no reader
+    assert KeyStore(f"sqlite:///{tmp_path / 'other.db'}").reader is None  # without quick=True: no reader
     store.close()

@@ -104,22 +104,23 @@ class KeyStore:
     ``target`` is a database URL or an engine from :func:`medlens.service.db.create_engine`; pass the
     :class:`~medlens.service.audit.AuditLog`'s ``engine`` to keep keys and audit trail in one database.
 
-    With ``cache=True`` on PostgreSQL, verified keys are kept in memory and forgotten as soon as the table
-    changes (:class:`~medlens.service.keycache.KeyCache`: LISTEN/NOTIFY); the service uses it, since on PostgreSQL
-    each lookup is a round trip. On SQLite (lookups in-process) it is ignored.
+    With ``quick=True`` (the service), :meth:`quick` answers most keys without a thread hop: on PostgreSQL from
+    verified keys kept in memory and forgotten as soon as the table changes
+    (:class:`~medlens.service.keycache.KeyCache`: LISTEN/NOTIFY), on a SQLite file by a read on the calling thread
+    that never waits (:class:`~medlens.service.keycache.SqliteKeyReader`).
     """
 
-    def __init__(self, target: str | Engine, *, cache: bool = False):
+    def __init__(self, target: str | Engine, *, quick: bool = False):
         self.engine, self._owned = engine_for(target)
         self.table = api_keys_table
         create_tables(self.engine, api_keys_table, notify=(api_keys_table.name,))
         self.cache: Any = None
         self.reader: Any = None
-        if cache and self.engine.dialect.name == "postgresql":
+        if quick and self.engine.dialect.name == "postgresql":
             from medlens.service.keycache import KeyCache
 
             self.cache = KeyCache(self.engine, api_keys_table.name)
-        elif cache and (path := sqlite_file(self.engine.url)) is not None:
+        elif quick and (path := sqlite_file(self.engine.url)) is not None:
             from medlens.service.keycache import SqliteKeyReader
 
             self.reader = SqliteKeyReader(path)

@@ -154,7 +154,7 @@ class ServiceState:
         engine = create_engine(self.settings.database_url, pool_size=self.settings.db_pool_size)
         self.audit = AuditLog(engine, hash_key=self.settings.audit_key)
         self.audit_writer = GroupCommitter(self.audit)
-        self.keys = KeyStore(engine, cache=True)  # PostgreSQL: verified keys cached until the table changes
+        self.keys = KeyStore(engine, quick=True)  # keys answered on the event loop where possible (.keycache)
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute)
         self.anonymous = AnonymousTraffic(self.settings, self.audit, self._model_fields)
         self.readiness = ReadinessProbe(engine)
