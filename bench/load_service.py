@@ -896,6 +896,16 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"FAILED: {failure}")
 
 
+def code_changed(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """Why a run's figures belong to no one commit (the commit or the uncommitted changes differ between the start
+    and the end: each server started on whatever was checked out then), or None."""
+    if before == after:
+        return None
+    return (f"the code changed during the run (started on {before['commit']}, uncommitted changes "
+            f"{before['uncommitted_changes']}; ended on {after['commit']}, {after['uncommitted_changes']}): run it "
+            "again on a fixed checkout")
+
+
 def provenance() -> dict[str, Any]:
     """The commit the benchmark ran on, and whether the service or this script had uncommitted changes."""
     def git(*args: str) -> str | None:
@@ -958,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_modes = [m.strip() for m in (args.profile_modes or args.modes).split(",") if m.strip()]
     if unknown := [m for m in profile_modes if m not in MODES]:
         p.error(f"unknown --profile-modes {unknown}")
+    started_on = provenance()  # the code the servers run; compared with the end's (code_changed)
     work = Path(tempfile.mkdtemp(prefix="medlens-load-"))
     runs: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
@@ -997,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "load_service",
         "written_by": SCRIPT,
         "command": command,
-        **provenance(),
+        **started_on,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": {"cpu": cpu_model(), "cores": cores,
                    "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores,
@@ -1028,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": profiles or None,
     }
     result["failures"] = [f"run {r['order']} ({r['mode']}): {f}" for r in runs for f in r["failures"]]
+    if changed := code_changed(started_on, provenance()):
+        result["failures"].append(changed)
     result["passed"] = not result["failures"]
     try:  # a failed run (e.g. no 200 answers in a mode) has missing figures: record it, never lose the JSON
         result["readme"] = readme_figure(result) if result["passed"] else None

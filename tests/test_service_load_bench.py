@@ -93,14 +93,16 @@ def test_timeouts_and_refused_connections_are_transport_errors(bench):
     upload = bench.Upload("x", b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b")
     server, port = _silent_server()
     try:
-        stop_at = time.perf_counter() + 0.5
+        # windows of seconds, not tenths: creating the httpx client (its SSL context) took longer than a 0.5 s
+        # window once on a loaded machine, and a window that closes before the first request leaves no result
+        stop_at = time.perf_counter() + 2.0
         results = asyncio.run(bench.run_clients(f"http://127.0.0.1:{port}", "k", [upload], 2, stop_at, 0.2))
     finally:
         server.close()
     assert results and all(r.status is None and r.request_id is None for r in results)
     assert {r.error for r in results} <= {"ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout"}
     results = asyncio.run(bench.run_clients(f"http://127.0.0.1:{_closed_port()}", "k", [upload], 1,
-                                            time.perf_counter() + 0.2, 0.2))
+                                            time.perf_counter() + 1.0, 0.2))
     assert results and {r.error for r in results} == {"ConnectError"}
 
 
@@ -267,3 +269,14 @@ def test_raw_client_reads_every_answer_on_keep_alive_connections(bench):
     closed_after = [i for i in statuses if i % 5 == 0 and i % 3 != 0]  # answers after which the server closed
     reopened = len(closed_after) - (closed_after[-1:] == [len(results)])  # no new connection after the last one
     assert len(results) >= 10 and seen["connections"] == 1 + reopened
+
+
+def test_a_run_whose_code_changed_underneath_is_not_credited_to_a_commit(bench):
+    """Each server process starts on whatever is checked out at that moment: a commit or an edit during the run
+    mixes code, so the result records the start's commit and fails with the reason (an earlier result took its
+    commit from the end of the run)."""
+    clean = {"commit": "a" * 40, "uncommitted_changes": False}
+    assert bench.code_changed(clean, dict(clean)) is None
+    assert "changed during the run" in bench.code_changed(clean, {**clean, "uncommitted_changes": True})
+    assert "ended on " + "b" * 40 in bench.code_changed(clean, {**clean, "commit": "b" * 40})
+    assert bench.provenance().keys() == clean.keys()
