@@ -295,8 +295,11 @@ def test_kill_9_of_two_server_processes_loses_no_acknowledged_audit_row(run_dir,
 
 def _revoked_at_once_by_every_worker(url: str, db_url: str) -> None:
     """A key that both server processes have verified (on PostgreSQL: cached, medlens.service.keycache) is
-    refused by both as soon as `medlens keys revoke` has committed, not after the cache's MAX_AGE_S."""
+    refused by both within milliseconds of `medlens keys revoke`'s commit (the notification), well inside the
+    cache's MAX_AGE_S (1 s). Each burst opens 16 new connections, which SO_REUSEPORT spreads over the two
+    processes by hash: that all 48 of the warm-up land on one has a probability of 2**-47."""
     from medlens.service.auth import KeyStore
+    from medlens.service.keycache import MAX_AGE_S
 
     with KeyStore(db_url) as store:
         doomed = store.create("fault-revoked-soon", "viewer")
@@ -312,5 +315,6 @@ def _revoked_at_once_by_every_worker(url: str, db_url: str) -> None:
     with KeyStore(db_url) as store:
         assert store.revoke("fault-revoked-soon") is True
         revoked = time.perf_counter()
-    statuses = asyncio.run(burst())
-    assert statuses == [401] * 16, f"{statuses} {(time.perf_counter() - revoked) * 1000:.0f} ms after the revocation"
+    while (statuses := asyncio.run(burst())) != [401] * 16:  # the notification may still be on its way
+        assert time.perf_counter() - revoked < MAX_AGE_S / 2, f"{statuses}: still served after the revocation"
+    assert asyncio.run(burst()) == [401] * 16

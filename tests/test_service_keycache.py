@@ -4,6 +4,7 @@ when the listener's connection is lost, when a change races the lookup, and afte
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from medlens.service.auth import Identity, KeyStore
-from medlens.service.keycache import KeyCache
+from medlens.service.keycache import MAX_AGE_S, KeyCache
 
 pytest_plugins = ["service_pg"]  # fixtures pg_url, pg_server: one PostgreSQL server per session
 
@@ -69,20 +70,24 @@ def test_a_verified_key_is_looked_up_once(stores):
     assert len(lookups) == 4
 
 
-@pytest.mark.parametrize("how", ["revoke", "sql-update", "sql-delete"])
+@pytest.mark.parametrize("how", ["revoke", "sql-update", "sql-delete", "replica-mode"])
 def test_a_change_by_anyone_is_seen_at_once(stores, how):
-    """Revoked by `medlens keys revoke` in another process, or by hand in SQL: refused within milliseconds (the
-    notification), not after the cache's MAX_AGE_S."""
+    """Revoked by `medlens keys revoke` in another process, by hand in SQL, or in replica mode: refused within
+    milliseconds (the notification), not after the cache's MAX_AGE_S."""
     cached, other = stores
     key = _create(cached, other, f"kc-{how}")
     assert cached.verify(key) is not None and cached.verify(key) is not None  # cached now
     if how == "revoke":
         assert other.revoke(f"kc-{how}") is True
+    elif how == "replica-mode":  # as logical replication and pg_restore --disable-triggers write: ENABLE ALWAYS
+        with other.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+            conn.exec_driver_sql(f"UPDATE api_keys SET revoked = 'now' WHERE name = 'kc-{how}'")
     else:
         with other.engine.begin() as conn:
             sql = "UPDATE api_keys SET revoked = 'now'" if how == "sql-update" else "DELETE FROM api_keys"
             conn.exec_driver_sql(f"{sql} WHERE name = 'kc-{how}'")
-    took = _until(lambda: not cached.quick(key)[0] and cached.verify(key) is None, timeout=1.0)
+    took = _until(lambda: not cached.quick(key)[0] and cached.verify(key) is None, timeout=MAX_AGE_S / 2)
     print(f"{how}: refused {took * 1000:.1f} ms after the commit")
     assert cached.verify(key) is None
 
@@ -153,6 +158,50 @@ def test_entries_expire_and_need_the_trigger(pg_url):
     store.close()
 
 
+
+
+def test_a_trigger_disabled_while_listening_turns_the_cache_off(stores):
+    cached, other = stores
+    with other.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT tgenabled FROM pg_trigger WHERE tgname = 'api_keys_notify_change'"
+                                    ).scalar() == "A"  # ALWAYS: also in replica mode
+    with other.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE api_keys DISABLE TRIGGER api_keys_notify_change")
+    took = _until(lambda: not cached.cache.active, timeout=5.0)
+    print(f"cache off {took:.2f} s after the trigger was disabled")
+    key = other.create("kc-disabled", "clinician")  # no notification now
+    assert cached.verify(key) is not None and cached.quick(key) == (False, None)  # looked up every time
+
+
+def test_a_role_that_may_not_create_the_trigger_starts_without_the_cache(pg_server):
+    """A database from before the trigger, opened by a service role that does not own api_keys (SELECT, INSERT,
+    UPDATE only): it starts, looks every key up, and says why (the owner's next start creates the trigger)."""
+    import psycopg
+
+    owner_url = pg_server.create_database()
+    owner = KeyStore(owner_url)
+    key = owner.create("kc-role", "clinician")
+    with owner.engine.begin() as conn:  # as a database made before the trigger existed
+        conn.exec_driver_sql("DROP TRIGGER api_keys_notify_change ON api_keys")
+    role = "app_" + os.urandom(4).hex()
+    url = sa.engine.make_url(owner_url)
+    with psycopg.connect(host="127.0.0.1", port=pg_server.port, user=url.username, dbname=url.database,
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON api_keys TO {role}")
+    app = KeyStore(url.set(username=role).render_as_string(hide_password=False), quick=True)
+    try:
+        assert not app.cache.wait_active(1.0)
+        for _ in range(2):
+            assert app.verify(key) == Identity("kc-role", "clinician") and app.quick(key) == (False, None)
+    finally:
+        app.close()
+    KeyStore(owner_url).close()  # the owner's start creates it
+    with owner.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT tgenabled FROM pg_trigger WHERE tgname = 'api_keys_notify_change'"
+                                    ).scalar() == "A"
+    owner.close()
 
 
 # --------------------------------------------------------------------------------------------- SQLite

@@ -328,27 +328,39 @@ def notify_channel(table: str) -> str:
     return f"medlens_{table}_changed"
 
 
-def has_notify_trigger(conn: Connection, table: str) -> bool:
-    """True if ``table`` has the trigger of :func:`create_notify_trigger` (PostgreSQL)."""
-    return conn.execute(sa.text("SELECT 1 FROM pg_trigger WHERE tgname = :name AND tgrelid = to_regclass(:table)"),
-                        {"name": f"{table}_notify_change", "table": table}).first() is not None
+def notify_trigger_state(conn: Connection, table: str) -> str | None:
+    """``pg_trigger.tgenabled`` of ``table``'s trigger from :func:`create_notify_trigger` (PostgreSQL): ``"A"``
+    (fires always, also for changes made in replica mode), ``"O"`` / ``"R"`` (only in one mode), ``"D"``
+    (disabled); None if there is none."""
+    return conn.execute(sa.text("SELECT tgenabled FROM pg_trigger WHERE tgname = :name AND tgrelid = "
+                                "to_regclass(:table)"), {"name": f"{table}_notify_change", "table": table}).scalar()
 
 
 def create_notify_trigger(conn: Connection, table: str) -> None:
     """PostgreSQL: a trigger that sends ``NOTIFY`` on :func:`notify_channel` after any statement that changes
-    ``table`` (INSERT, UPDATE, DELETE, TRUNCATE; by medlens or by hand). Notifications are delivered when the
-    transaction commits, and not at all if it rolls back. Created only if missing (see
-    :func:`create_append_only_triggers`); without it, whoever listens must not cache (see
-    :mod:`medlens.service.keycache`)."""
-    if conn.dialect.name != "postgresql" or has_notify_trigger(conn, table):
+    ``table`` (INSERT, UPDATE, DELETE, TRUNCATE; by medlens or by hand), enabled ALWAYS so that changes made in
+    replica mode (logical replication, ``pg_restore --disable-triggers``) notify too. Notifications are delivered
+    when the transaction commits, and not at all if it rolls back. Created only if missing (see
+    :func:`create_append_only_triggers`); a role that may not create it (not the table's owner) starts without it,
+    and whoever listens must then not cache (see :mod:`medlens.service.keycache`)."""
+    if conn.dialect.name != "postgresql" or notify_trigger_state(conn, table) is not None:
         return
-    if conn.execute(sa.text("SELECT to_regprocedure('medlens_notify_change()')")).scalar() is None:
-        conn.exec_driver_sql(
-            "CREATE OR REPLACE FUNCTION medlens_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            "BEGIN PERFORM pg_notify('medlens_' || TG_TABLE_NAME || '_changed', TG_OP); RETURN NULL; END $$"
-        )
-    conn.exec_driver_sql(f"CREATE TRIGGER {table}_notify_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "
-                         f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION medlens_notify_change()")
+    try:
+        with conn.begin_nested():  # a savepoint: a refusal must not abort the schema transaction
+            if conn.execute(sa.text("SELECT to_regprocedure('medlens_notify_change()')")).scalar() is None:
+                conn.exec_driver_sql(
+                    "CREATE OR REPLACE FUNCTION medlens_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN PERFORM pg_notify('medlens_' || TG_TABLE_NAME || '_changed', TG_OP); RETURN NULL; "
+                    "END $$"
+                )
+            conn.exec_driver_sql(f"CREATE TRIGGER {table}_notify_change AFTER INSERT OR UPDATE OR DELETE OR "
+                                 f"TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION medlens_notify_change()")
+            conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {table}_notify_change")
+    except sa.exc.DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _PG_INSUFFICIENT_PRIVILEGE:
+            raise
+        log.info("no change trigger on %s: this role may not create it (%s); the table's owner creates it when "
+                 "medlens starts with the owner's role", table, str(exc.orig).strip().splitlines()[0])
 
 
 def create_tables(engine: Engine, *tables: sa.Table, append_only: tuple[str, ...] = (),

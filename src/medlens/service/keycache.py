@@ -10,16 +10,18 @@ create`` / ``revoke``, or SQL by hand), and :class:`KeyCache`'s thread, which ``
 connection, clears the cache when the notification arrives.
 
 What that promises. A revoked key is refused from the moment the notification reaches each server process (on one
-host well under a millisecond after the revoking transaction commits; the same order as the window a lookup
-already had, between its SELECT and the answer). The cache is trusted only while that promise can hold:
+host 2-3 ms after the revoking transaction commits, measured; the same order as the window a lookup already had,
+between its SELECT and the answer). The cache is trusted only while that can hold:
 
-- it is used only while the listener is connected and ``LISTEN``\\ ing and the trigger exists (a database whose
-  owner did not let medlens create it gets no cache: every request looks its key up, as before);
+- it is used only while the listener is connected and ``LISTEN``\\ ing and the trigger exists and is enabled
+  ALWAYS (checked at connect and every :data:`HEARTBEAT_S`; a database whose owner did not let medlens create it,
+  or where it was disabled, gets no cache: every request looks its key up, as before);
 - when the listener's connection is lost, the cache is emptied and bypassed until it has reconnected;
 - a key is stored only if no change arrived while it was being looked up (a generation counter), so a lookup that
   raced a revocation cannot put the revoked key back;
-- an entry is used for at most :data:`MAX_AGE_S` seconds whatever happens: the bound if notifications were ever
-  lost without the connection failing;
+- an entry is used for at most :data:`MAX_AGE_S` (1 s) whatever happens: the bound when notifications are lost
+  without the connection failing (a network path that stalls without closing, a pooler such as PgBouncer in
+  transaction mode, which cannot carry LISTEN); a key is then looked up once a second per process;
 - only valid keys are stored (never an unknown one: a flood of random keys cannot fill memory), at most
   :data:`MAX_ENTRIES`.
 """
@@ -36,13 +38,14 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from medlens.service.db import has_notify_trigger, notify_channel
+from medlens.service.db import notify_channel, notify_trigger_state
 
 log = logging.getLogger(__name__)
 
-MAX_AGE_S = 5.0  # an entry is looked up again after this long, notification or not
+MAX_AGE_S = 1.0  # an entry is looked up again after this long, notification or not
 MAX_ENTRIES = 4096
-HEARTBEAT_S = 1.0  # how often the listener wakes to see whether it should stop
+HEARTBEAT_S = 1.0  # how often the listener wakes: to stop, and to check that the trigger is still enabled
+NO_TRIGGER_RETRY_S = 10.0  # without the trigger, look again this often (its owner may create or enable it)
 RECONNECT_S = (0.5, 10.0)  # the listener's wait before reconnecting: first, and at most (doubling)
 
 
@@ -104,6 +107,10 @@ class KeyCache:
 
     # -- the listener thread
 
+    def _trigger_fires(self) -> bool:
+        with self.engine.connect() as check:
+            return notify_trigger_state(check, self.table) == "A"
+
     def _reset(self, active: bool) -> None:
         """Forget every entry; from now on the cache is used (``active``) or bypassed."""
         with self._lock:
@@ -123,21 +130,23 @@ class KeyCache:
                 raw.detach()  # ours for as long as we listen, not the pool's
                 conn.autocommit = True
                 conn.execute(f"LISTEN {self.channel}")
-                with self.engine.connect() as check:
-                    trigger = has_notify_trigger(check, self.table)
-                if not trigger:
+                if not self._trigger_fires():
                     if not warned:
                         log.info("API keys are looked up on every request: the table %s has no change trigger "
-                                 "(the database owner creates it when medlens starts with the owner's role)",
-                                 self.table)
+                                 "enabled ALWAYS (the database owner creates it when medlens starts with the "
+                                 "owner's role)", self.table)
                         warned = True
-                    self._stop.wait(60.0)  # look again later (the owner may create it)
+                    self._stop.wait(NO_TRIGGER_RETRY_S)
                     continue
                 self._reset(True)
                 delay = RECONNECT_S[0]
                 while not self._stop.is_set():
-                    if any(True for _ in conn.notifies(timeout=HEARTBEAT_S, stop_after=1)):
+                    # list(): the generator runs to its end (stop_after=1 or the timeout), never left suspended
+                    if list(conn.notifies(timeout=HEARTBEAT_S, stop_after=1)):
                         self._reset(True)
+                    elif not self._trigger_fires():  # disabled or dropped while we listened
+                        self._reset(False)
+                        break
             except Exception as exc:  # noqa: BLE001 - any failure: bypass the cache, reconnect later
                 self._reset(False)
                 if not self._stop.is_set():
@@ -156,8 +165,10 @@ class KeyCache:
 
 class SqliteKeyReader:
     """SQLite: the key lookup as one indexed SELECT on the calling thread's own read-only sqlite3 connection,
-    without SQLAlchemy and without ever waiting: ``timeout=0``, so a database that is busy (a WAL reset, recovery)
-    answers :data:`BUSY` at once and the caller looks the key up on a worker thread as before.
+    without SQLAlchemy and without waiting for a lock: ``timeout=0`` turns SQLite's busy handler off, so a locked
+    database answers :data:`BUSY` at once and the caller looks the key up on a worker thread as before. (SQLite's
+    own short retries while another connection resets the WAL, and a recovery after a crash, can still take a
+    moment on the calling thread: rare and bounded.)
 
     Why: every request on SQLite looked its key up through SQLAlchemy on a worker thread; the hop and the ORM's
     statement handling cost more than the lookup (measured under load with ``--workers 2``: PostgreSQL with its
