@@ -350,11 +350,11 @@ def create_notify_trigger(conn: Connection, table: str) -> None:
             if conn.execute(sa.text("SELECT to_regprocedure('medlens_notify_change()')")).scalar() is None:
                 conn.exec_driver_sql(
                     "CREATE OR REPLACE FUNCTION medlens_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                    "BEGIN PERFORM pg_notify('medlens_' || TG_TABLE_NAME || '_changed', TG_OP); RETURN NULL; "
-                    "END $$"
+                    "BEGIN PERFORM pg_notify(TG_ARGV[0], TG_OP); RETURN NULL; END $$"  # the channel: an argument
                 )
             conn.exec_driver_sql(f"CREATE TRIGGER {table}_notify_change AFTER INSERT OR UPDATE OR DELETE OR "
-                                 f"TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION medlens_notify_change()")
+                                 f"TRUNCATE ON {table} FOR EACH STATEMENT "
+                                 f"EXECUTE FUNCTION medlens_notify_change('{notify_channel(table)}')")
             conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {table}_notify_change")
     except sa.exc.DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) != _PG_INSUFFICIENT_PRIVILEGE:

@@ -66,9 +66,8 @@ class KeyCache:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[Any, float]] = {}
         self._generation = 0
-        self._active = False  # listening, trigger present: the cache may be used
+        self._active = threading.Event()  # set while listening with the trigger enabled: the cache may be used
         self._stop = threading.Event()
-        self._connected = threading.Event()  # for tests and start-up: set while the listener is active
         self._thread = threading.Thread(target=self._listen, name="medlens-key-listener", daemon=True)
         self._thread.start()
 
@@ -76,7 +75,7 @@ class KeyCache:
 
     @property
     def active(self) -> bool:
-        return self._active
+        return self._active.is_set()
 
     @property
     def generation(self) -> int:
@@ -91,7 +90,7 @@ class KeyCache:
 
     def put(self, digest: str, identity: Any, generation: int) -> None:
         with self._lock:
-            if not self._active or generation != self._generation:  # a change arrived during the lookup
+            if not self._active.is_set() or generation != self._generation:  # a change arrived meanwhile
                 return
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
@@ -99,7 +98,7 @@ class KeyCache:
 
     def wait_active(self, timeout: float) -> bool:
         """Wait until the listener is active (True) or ``timeout`` seconds pass (False)."""
-        return self._connected.wait(timeout)
+        return self._active.wait(timeout)
 
     def close(self) -> None:
         self._stop.set()
@@ -116,8 +115,7 @@ class KeyCache:
         with self._lock:
             self._generation += 1
             self._entries.clear()
-            self._active = active
-        (self._connected.set if active else self._connected.clear)()
+            (self._active.set if active else self._active.clear)()
 
     def _listen(self) -> None:
         delay = RECONNECT_S[0]
